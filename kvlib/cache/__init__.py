@@ -1,0 +1,6 @@
+"""KV caches. All honour the protocol in `kvlib.cache.base`."""
+
+from .base import KVCache, StepPlan
+from .contiguous import ContiguousCache
+
+__all__ = ["KVCache", "StepPlan", "ContiguousCache"]

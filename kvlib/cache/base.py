@@ -1,0 +1,160 @@
+"""The protocol every KV cache in `kvlib` honours.
+
+The model never changes when the cache does. One forward step over a batch of
+sequences talks to the cache in four moves:
+
+1. ``plan = cache.plan(seq_ids, counts)`` — check that each sequence exists and has
+   room for ``counts[i]`` new tokens, and say where they go (raises before any change);
+2. per layer, ``cache.write(layer, plan, k, v)`` stores the new keys/values;
+3. per layer, ``cache.attend(layer, plan, q)`` returns attention of the new queries over
+   everything stored for their sequence (causal, aligned bottom-right);
+4. ``cache.commit(plan)`` makes the new tokens part of each sequence's length.
+
+Tokens of all sequences in a step are *packed* along one axis (no padding):
+sequence i owns rows ``plan.offsets[i]:plan.offsets[i+1]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DTypeError, KVLibError, LengthError, ShapeError, UnknownSequenceError
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Where one forward step's new tokens go.
+
+    Attributes:
+        seq_ids: the sequences taking part, in packing order.
+        starts: [B] tokens already cached per sequence = position of its first new token.
+        counts: [B] new tokens per sequence.
+    """
+
+    seq_ids: tuple[int, ...]
+    starts: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """[B + 1] start of each sequence's rows in the packed token axis."""
+        return np.concatenate([[0], np.cumsum(self.counts)])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def positions(self) -> np.ndarray:
+        """[n_tokens] absolute position of every new token (each sequence its own)."""
+        return np.concatenate([s + np.arange(c) for s, c in zip(self.starts, self.counts)])
+
+
+class KVCache(ABC):
+    """Storage of keys and values for several sequences, one layer at a time."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int) -> None:
+        self.n_layers = n_layers
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+
+    # --- sequences -----------------------------------------------------------------
+    @abstractmethod
+    def new_sequence(self) -> int:
+        """Start an empty sequence and return its id."""
+
+    @abstractmethod
+    def free(self, seq_id: int) -> None:
+        """Forget a sequence and release its space."""
+
+    @abstractmethod
+    def length(self, seq_id: int) -> int:
+        """Tokens stored for a sequence."""
+
+    @abstractmethod
+    def capacity(self, seq_id: int) -> int:
+        """Most tokens the sequence can hold."""
+
+    @abstractmethod
+    def sequences(self) -> list[int]:
+        """Ids of the live sequences."""
+
+    @abstractmethod
+    def crop(self, seq_id: int, length: int) -> None:
+        """Keep only the first `length` tokens of a sequence (rollback)."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget every sequence."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes really allocated: stored keys/values plus all metadata arrays."""
+
+    # --- one forward step ----------------------------------------------------------
+    def plan(self, seq_ids, counts) -> StepPlan:
+        """Validate a step of `counts[i]` new tokens for `seq_ids[i]`; changes nothing."""
+        seq_ids = tuple(int(s) for s in seq_ids)
+        counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+        if len(seq_ids) != len(counts):
+            raise ShapeError(f"{len(seq_ids)} sequence ids but {len(counts)} token counts")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise KVLibError(f"a sequence appears twice in one step: {seq_ids}")
+        if (counts < 1).any():
+            raise LengthError(f"every sequence needs at least one new token, got {counts}")
+        for s in seq_ids:
+            self._check_known(s)
+        starts = np.array([self.length(s) for s in seq_ids], dtype=np.int64)
+        plan = StepPlan(seq_ids, starts, counts)
+        self._check_room(plan)
+        return plan
+
+    @abstractmethod
+    def _check_room(self, plan: StepPlan) -> None:
+        """Raise a `CapacityError` (or pool error) if the step does not fit; change nothing."""
+
+    @abstractmethod
+    def write(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None:
+        """Store `k`, `v` ([plan.n_tokens, n_kv_heads, head_dim]) for one layer."""
+
+    @abstractmethod
+    def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
+        """Attention of q ([n_tokens, n_heads, head_dim]) over each sequence's cache."""
+
+    @abstractmethod
+    def commit(self, plan: StepPlan) -> None:
+        """Add the step's tokens to the sequences' lengths."""
+
+    # --- checks shared by every cache ----------------------------------------------
+    def _check_known(self, seq_id: int) -> None:
+        if seq_id not in self.sequences():
+            raise UnknownSequenceError(f"sequence {seq_id} is not in this cache")
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise KVLibError(f"layer {layer} out of range [0, {self.n_layers})")
+
+    def _check_kv(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None:
+        self._check_layer(layer)
+        want = (plan.n_tokens, self.n_kv_heads, self.head_dim)
+        for name, a in (("k", k), ("v", v)):
+            if not isinstance(a, np.ndarray):
+                raise DTypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
+            if a.shape != want:
+                raise ShapeError(f"{name} has shape {a.shape}, expected {want} "
+                                 "[new tokens, kv heads, head dim]")
+            if a.dtype != np.float32:
+                raise DTypeError(f"{name} has dtype {a.dtype}, expected float32")
+
+    def _check_q(self, layer: int, plan: StepPlan, q: np.ndarray) -> None:
+        self._check_layer(layer)
+        if not isinstance(q, np.ndarray) or q.dtype != np.float32:
+            raise DTypeError(f"q must be a float32 array, got {getattr(q, 'dtype', type(q))}")
+        if q.ndim != 3 or q.shape[0] != plan.n_tokens or q.shape[2] != self.head_dim \
+                or q.shape[1] % self.n_kv_heads:
+            raise ShapeError(f"q has shape {q.shape}, expected [{plan.n_tokens}, "
+                             f"a multiple of {self.n_kv_heads}, {self.head_dim}]")

