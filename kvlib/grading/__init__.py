@@ -1,8 +1,9 @@
 """Graders for the exercises: run hidden cases against a learner's function and say
 what is wrong, in words.
 
-Each `grade_*` function takes the learner's function and returns a `Report`; printing
-it (or leaving it as a notebook cell's last value) shows the verdict. A function that
+Each chapter has a module here (`kvlib.grading.ch01`, ...) whose `grade_*` functions
+take the learner's function and return a `Report`; printing it (or leaving it as a
+notebook cell's last value) shows the verdict. A function that
 still raises `NotImplementedError` is reported as not implemented, not as a crash.
 """
 
