@@ -149,15 +149,15 @@ def weights_bytes(config: ModelConfig, dtype: str | StorageType = "bf16",
 
 
 # --- fitting a GPU ------------------------------------------------------------------
-# Memory of the GPUs in shared/REFERENCES.md, from the vendors' datasheets, in decimal
-# gigabytes (1 GB = 1e9 bytes). The cards expose about that many GiB, so these are a
-# slight underestimate.
+# Memory of the GPUs in the book's reference table, in decimal gigabytes (1 GB = 1e9
+# bytes) as NVIDIA's datasheets state it. The cards expose about that many GiB, so
+# these are a slight underestimate.
 GPU_MEMORY_BYTES: dict[str, int] = {
-    "H100 SXM 80GB": 80 * 10**9,
-    "H200 SXM 141GB": 141 * 10**9,
-    "A100 SXM 80GB": 80 * 10**9,
-    "L4": 24 * 10**9,
-    "RTX 4090": 24 * 10**9,
+    "H100 SXM 80GB": 80 * 10**9,    # H100 datasheet: 80 GB HBM3
+    "H200 SXM 141GB": 141 * 10**9,  # H200 datasheet: 141 GB HBM3e
+    "A100 SXM 80GB": 80 * 10**9,    # A100 datasheet: 80 GB HBM2e
+    "L4": 24 * 10**9,               # L4 datasheet: 24 GB GDDR6
+    "RTX 4090": 24 * 10**9,         # GeForce RTX 4090 specifications: 24 GB GDDR6X
 }
 
 # Fraction of GPU memory left for activations, the CUDA context and fragmentation
@@ -182,8 +182,8 @@ def max_context(config: ModelConfig, gpu_bytes: int, batch: int = 1,
                 sliding_window: bool = True) -> int | None:
     """Longest context each of `batch` sequences can reach in `gpu_bytes` of memory.
 
-    0 if the weights (or not even one token) fit; None if there is no memory limit
-    because a sliding window caps the cache below what fits.
+    0 if the weights do not fit (or not even one token does); None if memory sets no
+    limit because a sliding window caps the cache below what fits.
     """
     batch = _check_count("batch", batch, 1)
     budget = kv_budget_bytes(config, gpu_bytes, weights_dtype, reserve)

@@ -1,7 +1,6 @@
 """Model presets and the memory formulas of `kvlib.memory`."""
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from kvlib import cache as cache_module
 from kvlib.cache import ContiguousCache, KVCache
-from kvlib.config import PRESET_SOURCES, PRESETS, ModelConfig, preset
+from kvlib.config import PRESET_SOURCES, PRESETS, preset
 from kvlib.errors import ConfigError
 from kvlib.memory import (GPU_MEMORY_BYTES, NBYTES_FORMULAS, STORAGE_NAMES, StorageType,
                           cached_tokens, contiguous_cache_nbytes, crossover_tokens,
@@ -196,6 +195,20 @@ def test_contiguous_nbytes_equals_the_formula(layers, kv_heads, head_dim, batch,
                                  head_dim=head_dim)
     assert cache.nbytes == arrays == expected_nbytes(cache) == \
         contiguous_cache_nbytes(config, batch, seq, dtype)
+
+
+def test_contiguous_nbytes_is_what_numpy_really_allocates():
+    import tracemalloc
+
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    cache = ContiguousCache.from_config(SMOL, max_batch=2, max_seq=100, dtype=np.float16)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    numpy_only = [tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)]
+    allocated = sum(s.size_diff for s in after.filter_traces(numpy_only).compare_to(
+        before.filter_traces(numpy_only), "filename"))
+    assert allocated == cache.nbytes == contiguous_cache_nbytes(SMOL, 2, 100, np.float16)
 
 
 def test_contiguous_formula_is_kv_bytes_plus_metadata():
