@@ -135,26 +135,47 @@ def test_multi_token_append_to_a_left_padded_batch(model, batch_prompts):
 
 
 def test_positions_after_left_padding(model, batch_prompts):
+    """Prefill and decode of a padded row rotate by the sequence's own positions."""
     short, long = batch_prompts[1], batch_prompts[2]
-    alone = model.forward([short])[0]
+    ref = ContiguousCache.from_config(model.config, 1, 64)
+    seq = ref.new_sequence()
+    alone = [model.forward([short], ref, [seq])[0], model.forward([[42]], ref, [seq])[0]]
+
+    def run(decode_positions):
+        cache = PaddedCache.from_config(model.config, 2, 64)
+        rows = [cache.new_sequence(), cache.new_sequence()]
+        ids, is_real = left_pad([short, long])
+        plan = cache.plan(rows, [ids.shape[1]] * 2, is_real)
+        np.testing.assert_array_equal(plan.own_positions, own_positions(is_real))
+        np.testing.assert_array_equal(plan.own_positions[0, -len(short):], np.arange(len(short)))
+        prefill = model.llama.forward_plan(ids.reshape(-1), cache, plan)
+        plan = cache.plan(rows, [1, 1])
+        np.testing.assert_array_equal(plan.own_positions[:, 0], [len(short), len(long)])
+        if decode_positions == "stored columns":  # the bug: pads counted as positions
+            plan = dataclasses.replace(plan, own_positions=plan.starts[:, None])
+        decode = model.llama.forward_plan(np.array([42, 43]), cache, plan)
+        return prefill, decode
+
+    prefill, decode = run("own")
+    np.testing.assert_allclose(prefill[0], alone[0], atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(decode[0], alone[1], atol=1e-4, rtol=1e-5)
+    _, wrong = run("stored columns")
+    assert np.abs(wrong[0] - alone[1]).max() > 1e-1
+    np.testing.assert_allclose(wrong[1], decode[1], atol=1e-4)  # the unpadded row is fine
+
+
+def test_a_uniform_position_shift_is_invisible_to_rope(model, batch_prompts):
+    """RoPE scores depend on position differences only: rotating a whole left-padded row
+    by its column index (shifted by its pad count) changes nothing but rounding."""
+    short, long = batch_prompts[1], batch_prompts[2]
     cache = PaddedCache.from_config(model.config, 2, 64)
     rows = [cache.new_sequence(), cache.new_sequence()]
     ids, is_real = left_pad([short, long])
     plan = cache.plan(rows, [ids.shape[1]] * 2, is_real)
-    np.testing.assert_array_equal(plan.own_positions[0, -len(short):], np.arange(len(short)))
-    np.testing.assert_array_equal(plan.own_positions, own_positions(is_real))
-    right = model.llama.forward_plan(ids.reshape(-1), cache, plan)
-    np.testing.assert_allclose(right[0], alone, atol=1e-4, rtol=1e-5)
-
-    # the bug: RoPE at the padded column index instead of the sequence's own position
     columns = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-    cache.reset()
-    rows = [cache.new_sequence(), cache.new_sequence()]
-    wrong_plan = dataclasses.replace(cache.plan(rows, [ids.shape[1]] * 2, is_real),
-                                     own_positions=columns)
-    wrong = model.llama.forward_plan(ids.reshape(-1), cache, wrong_plan)
-    assert np.abs(wrong[0] - alone).max() > 1e-1
-    np.testing.assert_allclose(wrong[1], right[1], atol=1e-4)  # the unpadded row is fine
+    shifted = model.llama.forward_plan(ids.reshape(-1), cache,
+                                       dataclasses.replace(plan, own_positions=columns))
+    np.testing.assert_allclose(shifted[0], model.forward([short])[0], atol=1e-3)
 
 
 def test_padding_is_masked_whatever_its_token_id(model, batch_prompts):
@@ -191,14 +212,14 @@ def test_padded_cache_rejects_a_ragged_step_before_changing_anything(model, batc
     keys, lengths, is_real = cache.keys.copy(), cache.lengths.copy(), cache.is_real.copy()
     with pytest.raises(LengthError, match="rectangle"):
         model.forward([[1, 2], [3]], cache, rows)  # different numbers of new columns
-    cache.crop(rows[0], 3)
-    lengths[rows[0]] = 3
-    with pytest.raises(LengthError, match="rectangle"):
-        model.forward([[1], [2]], cache, rows)  # rows of different widths
     with pytest.raises(LengthError, match="left padding"):
         cache.plan(rows, [2, 2], [[True, False], [True, True]])
     with pytest.raises(ShapeError, match="is_real"):
         cache.plan(rows, [2, 2], [[True, True]])
+    cache.crop(rows[0], 3)
+    lengths[rows[0]] = 3
+    with pytest.raises(LengthError, match="rectangle"):
+        model.forward([[1], [2]], cache, rows)  # rows of different widths
     np.testing.assert_array_equal(cache.keys, keys)
     np.testing.assert_array_equal(cache.lengths, lengths)
     np.testing.assert_array_equal(cache.is_real, is_real)

@@ -154,7 +154,7 @@ class Llama:
         """Final norm + LM head: [n_sequences, vocab] at each sequence's last token
         (sequence i owns rows offsets[i]:offsets[i+1]), or [n_tokens, vocab] for all."""
         if not all_logits:
-            x = x[offsets[1:] - 1]
+            x = x[offsets[1:] - 1]  # the last token of each sequence
         return rms_norm(x, self.weights.final_norm, self.config.norm_eps) @ self.weights.embed.T
 
     @staticmethod
