@@ -12,12 +12,17 @@ from .errors import ConfigError, KVLibError
 
 def _make_cache(args, model, prompts):
     """The cache named by --cache, sized for this batch (None for recompute)."""
+    from .batching import PaddedCache
     from .cache import ContiguousCache
 
     if args.cache == "none":
+        if args.batching == "padded":
+            raise ConfigError("--batching padded stores the padding in a cache; "
+                              "it cannot run with --cache none")
         return None
     longest = max(len(p) for p in prompts) + args.max_new_tokens
-    return ContiguousCache.from_config(model.config, max_batch=len(prompts), max_seq=longest)
+    kind = PaddedCache if args.batching == "padded" else ContiguousCache
+    return kind.from_config(model.config, max_batch=len(prompts), max_seq=longest)
 
 
 def cmd_generate(args) -> int:
@@ -30,7 +35,7 @@ def cmd_generate(args) -> int:
 
     start = time.perf_counter()
     results = model.generate(prompts, cache=cache, max_new_tokens=args.max_new_tokens,
-                             sampler=sampler)
+                             sampler=sampler, batching=args.batching)
     seconds = time.perf_counter() - start
     n_new = sum(len(r.token_ids) for r in results)
 
@@ -38,12 +43,13 @@ def cmd_generate(args) -> int:
         if args.json:
             print(json.dumps({"prompt": text, "prompt_ids": r.prompt_ids,
                               "token_ids": r.token_ids, "text": r.text,
-                              "finish_reason": r.finish_reason, "cache": args.cache}))
+                              "finish_reason": r.finish_reason, "cache": args.cache,
+                              "batching": args.batching}))
         else:
             print(r.text)
     if not args.quiet:
         print(f"{n_new} tokens in {seconds:.2f} s ({n_new / seconds:.1f} tokens/s, "
-              f"cache={args.cache})", file=sys.stderr)
+              f"cache={args.cache}, batching={args.batching})", file=sys.stderr)
     return 0
 
 
@@ -91,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--cache", choices=["none", "contiguous"], default="contiguous",
                      help="none recomputes every token's keys and values at every step")
+    gen.add_argument("--batching", choices=["ragged", "padded"], default="ragged",
+                     help="how prompts of different lengths share a batch: ragged packs "
+                          "them with no padding; padded left-pads them into a rectangle")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
