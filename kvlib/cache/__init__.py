@@ -4,3 +4,6 @@ from .base import KVCache, StepPlan
 from .contiguous import ContiguousCache
 
 __all__ = ["KVCache", "StepPlan", "ContiguousCache"]
+from .quantized import QuantizedCache, QuantScheme  # noqa: E402
+
+__all__ += ["QuantizedCache", "QuantScheme"]
