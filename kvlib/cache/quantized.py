@@ -109,10 +109,11 @@ def quantized_token_bytes(n_layers: int, n_kv_heads: int, head_dim: int,
                           scheme: QuantScheme) -> float:
     """Bytes of one quantized token over all layers: codes, scales and zero points.
 
-    Per layer and KV head: ``2 * head_dim * bits / 8`` bytes of codes, plus 2-byte
-    scales (and zero points) — ``head_dim / G`` per token for per-token data, and
-    ``head_dim / G`` per token amortized for per-channel keys (``head_dim`` scales shared
-    by G tokens). The two counts coincide; they differ in what they adapt to.
+    Per layer and KV head: ``2 * head_dim * bits / 8`` bytes of codes, plus float16
+    scales (and zero points): ``head_dim / G`` of them per token for per-token data, and
+    ``head_dim`` shared by G tokens for per-channel keys (``head_dim / G`` per token,
+    amortized). The window's float32 tokens are not included (see
+    `sequence_bytes_per_token`).
     """
     meta = SCALE_DTYPE().itemsize * (1 if scheme.symmetric else 2)
     codes = 2 * head_dim * scheme.bits / 8
