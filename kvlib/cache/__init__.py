@@ -2,8 +2,6 @@
 
 from .base import KVCache, StepPlan
 from .contiguous import ContiguousCache
+from .quantized import QuantizedCache, QuantScheme
 
-__all__ = ["KVCache", "StepPlan", "ContiguousCache"]
-from .quantized import QuantizedCache, QuantScheme  # noqa: E402
-
-__all__ += ["QuantizedCache", "QuantScheme"]
+__all__ = ["KVCache", "StepPlan", "ContiguousCache", "QuantizedCache", "QuantScheme"]
