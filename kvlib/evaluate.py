@@ -59,7 +59,7 @@ def teacher_forced(model, ids, cache=None, first_chunk: int = 128,
     Args:
         model: a `Model` (or `Llama`) with `forward` and `config`.
         ids: token ids of the text, at least 2.
-        cache: an empty-able cache with room for len(ids) tokens; it is reset first.
+        cache: a cache with room for len(ids) tokens of one sequence; it is reset first.
         first_chunk: tokens of the first forward (the prefill).
         chunk: tokens per later forward.
     """

@@ -110,7 +110,7 @@ def _grouped(x: np.ndarray, axis: int, group_size: int) -> np.ndarray:
     return x.reshape(shape)
 
 
-def check_group(shape: tuple[int, ...], bits: int, axis: int, group_size: int | None) -> tuple[int, int]:
+def _check_layout(shape: tuple[int, ...], bits: int, axis: int, group_size: int | None) -> tuple[int, int]:
     """Validate a quantization layout; return (non-negative axis, group size)."""
     _check_bits(bits)
     if len(shape) == 0:
@@ -143,7 +143,7 @@ def quantize(x: np.ndarray, bits: int, axis: int = -1, group_size: int | None = 
         A `Quantized`; `dequantize` turns it back into float32.
     """
     x = np.asarray(x, dtype=np.float32)
-    axis, group_size = check_group(x.shape, bits, axis, group_size)
+    axis, group_size = _check_layout(x.shape, bits, axis, group_size)
     if not np.isfinite(x).all():
         raise QuantizationError("cannot quantize NaN or infinite values")
     groups = _grouped(x, axis, group_size)

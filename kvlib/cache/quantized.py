@@ -42,7 +42,7 @@ import numpy as np
 from ..attention import attention
 from ..errors import CapacityError, ConfigError, LengthError, QuantizationError
 from ..masks import causal_mask
-from ..quantize import Quantized, check_group, dequantize, quantize
+from ..quantize import Quantized, code_range, dequantize, quantize
 from .base import KVCache, StepPlan
 
 SCALE_DTYPE = np.float16
@@ -77,7 +77,13 @@ class QuantScheme:
             raise QuantizationError("per-channel keys need a group size (tokens per group)")
         if int(self.window) != self.window or self.window < 0:
             raise ConfigError(f"window must be a whole number >= 0, got {self.window}")
-        check_group((head_dim,), self.bits, 0, self.group_size)  # bits, G divides head_dim
+        code_range(self.bits, self.symmetric)                   # a supported bit width
+        if self.group_size is not None and (self.group_size < 1 or head_dim % self.group_size):
+            raise QuantizationError(f"group size {self.group_size} does not divide "
+                                    f"head_dim {head_dim}")
+        if (head_dim * self.bits) % 8:
+            raise QuantizationError(f"head_dim {head_dim} at {self.bits} bits is not a whole "
+                                    "number of bytes")
 
     @property
     def name(self) -> str:
