@@ -35,3 +35,14 @@ class ModelFileError(KVLibError):
 
 class LengthError(KVLibError, ValueError):
     """A length or position outside what a sequence holds (e.g. cropping past its end)."""
+
+
+class OutOfBlocksError(CapacityError):
+    """A paged pool has too few free (or evictable) blocks for a request.
+
+    Raised before anything changes, so a scheduler can catch it and preempt.
+    """
+
+
+class DoubleFreeError(KVLibError):
+    """Freeing a sequence that was already freed, or releasing a block nobody holds."""

@@ -1,6 +1,9 @@
 """KV caches. All honour the protocol in `kvlib.cache.base`."""
 
 from .base import KVCache, StepPlan
+from .block_pool import BlockPool, prefix_key
 from .contiguous import ContiguousCache
+from .paged import PagedCache, paged_cache_nbytes
 
-__all__ = ["KVCache", "StepPlan", "ContiguousCache"]
+__all__ = ["KVCache", "StepPlan", "ContiguousCache", "BlockPool", "PagedCache",
+           "paged_cache_nbytes", "prefix_key"]
