@@ -7,17 +7,24 @@ import json
 import sys
 import time
 
-from .errors import KVLibError
+from .errors import ConfigError, KVLibError
 
 
 def _make_cache(args, model, prompts):
     """The cache named by --cache, sized for this batch (None for recompute)."""
-    from .cache import ContiguousCache
+    from .cache import ContiguousCache, PagedCache
+    from .cache.paged import blocks_for
 
     if args.cache == "none":
         return None
     longest = max(len(p) for p in prompts) + args.max_new_tokens
-    return ContiguousCache.from_config(model.config, max_batch=len(prompts), max_seq=longest)
+    if args.cache == "contiguous":
+        return ContiguousCache.from_config(model.config, max_batch=len(prompts), max_seq=longest)
+    # enough blocks for every sample to grow to the longest length, even unshared
+    num_blocks = args.num_blocks or len(prompts) * args.n * blocks_for(longest, args.block_size)
+    return PagedCache.from_config(model.config, num_blocks=num_blocks,
+                                  block_size=args.block_size,
+                                  max_seqs=len(prompts) * args.n, max_seq_len=longest)
 
 
 def cmd_generate(args) -> int:
@@ -26,19 +33,22 @@ def cmd_generate(args) -> int:
     model = load_model(progress=not args.quiet)
     prompts = [model.encode(p, chat=args.chat) for p in args.prompts]
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.n < 1 or args.block_size < 1 or (args.num_blocks is not None and args.num_blocks < 1):
+        raise ConfigError("--n, --block-size and --num-blocks must be positive")
     cache = _make_cache(args, model, prompts)
 
     start = time.perf_counter()
     results = model.generate(prompts, cache=cache, max_new_tokens=args.max_new_tokens,
-                             sampler=sampler)
+                             sampler=sampler, n=args.n)
     seconds = time.perf_counter() - start
     n_new = sum(len(r.token_ids) for r in results)
 
-    for text, r in zip(args.prompts, results):
+    for index, r in enumerate(results):
+        text, sample = args.prompts[index // args.n], index % args.n
         if args.json:
-            print(json.dumps({"prompt": text, "prompt_ids": r.prompt_ids,
-                              "token_ids": r.token_ids, "text": r.text,
-                              "finish_reason": r.finish_reason, "cache": args.cache}))
+            row = {"prompt": text, "prompt_ids": r.prompt_ids, "token_ids": r.token_ids,
+                   "text": r.text, "finish_reason": r.finish_reason, "cache": args.cache}
+            print(json.dumps(row | ({"sample": sample} if args.n > 1 else {})))
         else:
             print(r.text)
     if not args.quiet:
@@ -55,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT",
                      help="one or more prompts, decoded together as one batch")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--cache", choices=["none", "contiguous"], default="contiguous",
+    gen.add_argument("--cache", choices=["none", "contiguous", "paged"], default="contiguous",
                      help="none recomputes every token's keys and values at every step")
+    gen.add_argument("--block-size", type=int, default=16,
+                     help="tokens per block of the paged cache")
+    gen.add_argument("--num-blocks", type=int, default=None,
+                     help="blocks in the paged pool (default: enough for the batch)")
+    gen.add_argument("--n", type=int, default=1, metavar="K",
+                     help="K samples per prompt; the paged cache shares the prompt's blocks")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
