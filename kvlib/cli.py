@@ -24,19 +24,24 @@ def _scheme(args):
 def _make_cache(args, model, prompts):
     """The cache named by --cache, sized for this batch (None for recompute)."""
     from .batching import PaddedCache
-    from .cache import ContiguousCache, QuantizedCache
+    from .cache import ContiguousCache, PagedCache, QuantizedCache
+    from .cache.paged import blocks_for
 
+    if args.batching == "padded" and args.cache != "contiguous":
+        raise ConfigError("--batching padded stores the padding in the float32 contiguous "
+                          f"cache; it cannot run with --cache {args.cache}")
     if args.cache == "none":
-        if args.batching == "padded":
-            raise ConfigError("--batching padded stores the padding in a cache; "
-                              "it cannot run with --cache none")
         return None
     longest = max(len(p) for p in prompts) + args.max_new_tokens
     if args.cache in QUANTIZED:
-        if args.batching == "padded":
-            raise ConfigError("--batching padded needs the float32 contiguous cache")
         return QuantizedCache.from_config(model.config, max_batch=len(prompts),
                                           max_seq=longest, scheme=_scheme(args))
+    if args.cache == "paged":
+        # enough blocks for every sample to grow to the longest length, even unshared
+        num_blocks = args.num_blocks or len(prompts) * args.n * blocks_for(longest, args.block_size)
+        return PagedCache.from_config(model.config, num_blocks=num_blocks,
+                                      block_size=args.block_size,
+                                      max_seqs=len(prompts) * args.n, max_seq_len=longest)
     kind = PaddedCache if args.batching == "padded" else ContiguousCache
     return kind.from_config(model.config, max_batch=len(prompts), max_seq=longest)
 
@@ -47,20 +52,23 @@ def cmd_generate(args) -> int:
     model = load_model(progress=not args.quiet)
     prompts = [model.encode(p, chat=args.chat) for p in args.prompts]
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.n < 1 or args.block_size < 1 or (args.num_blocks is not None and args.num_blocks < 1):
+        raise ConfigError("--n, --block-size and --num-blocks must be positive")
     cache = _make_cache(args, model, prompts)
 
     start = time.perf_counter()
     results = model.generate(prompts, cache=cache, max_new_tokens=args.max_new_tokens,
-                             sampler=sampler, batching=args.batching)
+                             sampler=sampler, batching=args.batching, n=args.n)
     seconds = time.perf_counter() - start
     n_new = sum(len(r.token_ids) for r in results)
 
-    for text, r in zip(args.prompts, results):
+    for index, r in enumerate(results):
+        text, sample = args.prompts[index // args.n], index % args.n
         if args.json:
-            print(json.dumps({"prompt": text, "prompt_ids": r.prompt_ids,
-                              "token_ids": r.token_ids, "text": r.text,
-                              "finish_reason": r.finish_reason, "cache": args.cache,
-                              "batching": args.batching}))
+            row = {"prompt": text, "prompt_ids": r.prompt_ids, "token_ids": r.token_ids,
+                   "text": r.text, "finish_reason": r.finish_reason, "cache": args.cache,
+                   "batching": args.batching}
+            print(json.dumps(row | ({"sample": sample} if args.n > 1 else {})))
         else:
             print(r.text)
     if not args.quiet:
@@ -163,12 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT",
                      help="one or more prompts, decoded together as one batch")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--cache", choices=["none", "contiguous", *QUANTIZED], default="contiguous",
+    gen.add_argument("--cache", choices=["none", "contiguous", "paged", *QUANTIZED],
+                     default="contiguous",
                      help="none recomputes every token's keys and values at every step; "
+                          "paged stores them in a block pool (see --block-size); "
                           "int8/int4/int2 quantize the cache (see --group-size, --window)")
     gen.add_argument("--batching", choices=["ragged", "padded"], default="ragged",
                      help="how prompts of different lengths share a batch: ragged packs "
                           "them with no padding; padded left-pads them into a rectangle")
+    gen.add_argument("--block-size", type=int, default=16,
+                     help="tokens per block of the paged cache")
+    gen.add_argument("--num-blocks", type=int, default=None,
+                     help="blocks in the paged pool (default: enough for the batch)")
+    gen.add_argument("--n", type=int, default=1, metavar="K",
+                     help="K samples per prompt; the paged cache shares the prompt's blocks")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -40,3 +40,14 @@ class LengthError(KVLibError, ValueError):
 class QuantizationError(ConfigError):
     """A quantization layout that cannot work (unsupported bit width, a group size that
     does not divide its axis, values too large for the stored scale)."""
+
+
+class OutOfBlocksError(CapacityError):
+    """A paged pool has too few free (or evictable) blocks for a request.
+
+    Raised before anything changes, so a scheduler can catch it and preempt.
+    """
+
+
+class DoubleFreeError(KVLibError):
+    """Freeing a sequence that was already freed, or releasing a block nobody holds."""

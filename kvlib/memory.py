@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 
 from .batching import PaddedCache
-from .cache import ContiguousCache, KVCache, QuantizedCache
+from .cache import ContiguousCache, KVCache, PagedCache, QuantizedCache
+from .cache.paged import paged_cache_nbytes
 from .cache.quantized import quantized_cache_nbytes
 from .config import ModelConfig
 from .errors import ConfigError
@@ -245,6 +246,9 @@ def padded_cache_nbytes(shape, max_batch: int, max_seq: int, dtype=np.float32) -
 NBYTES_FORMULAS: dict[type, Callable[[KVCache], int]] = {
     ContiguousCache: lambda c: contiguous_cache_nbytes(c, c.max_batch, c.max_seq, c.keys.dtype),
     PaddedCache: lambda c: padded_cache_nbytes(c, c.max_batch, c.max_seq, c.keys.dtype),
+    PagedCache: lambda c: paged_cache_nbytes(c.n_layers, c.n_kv_heads, c.head_dim, c.num_blocks,
+                                             c.block_size, c.max_seqs, c.max_seq_len,
+                                             c.keys.dtype),
     QuantizedCache: lambda c: quantized_cache_nbytes(c.n_layers, c.n_kv_heads, c.head_dim,
                                                      c.max_batch, c.max_seq, c.scheme),
 }

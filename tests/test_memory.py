@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from kvlib import cache as cache_module
 from kvlib.batching import PaddedCache
-from kvlib.cache import ContiguousCache, KVCache, QuantizedCache, QuantScheme
+from kvlib.cache import ContiguousCache, KVCache, PagedCache, QuantizedCache, QuantScheme
 from kvlib.config import PRESET_SOURCES, PRESETS, preset
 from kvlib.errors import ConfigError
 from kvlib.memory import (GPU_MEMORY_BYTES, NBYTES_FORMULAS, STORAGE_NAMES, StorageType,
@@ -244,10 +244,12 @@ def test_expected_nbytes_of_an_unknown_cache_is_a_clear_error():
 
 @pytest.mark.parametrize("make", [
     lambda: PaddedCache(3, 2, 8, max_batch=2, max_seq=11),
+    lambda: PagedCache(3, 2, 8, num_blocks=10, block_size=7, max_seqs=3, max_seq_len=50),
     lambda: QuantizedCache(3, 2, 64, 2, 64, QuantScheme(4, "channel", 32, 16, False)),
     lambda: QuantizedCache(3, 2, 64, 3, 40, QuantScheme(8, "token", 8, 0, True)),
 ])
-def test_nbytes_of_padded_and_quantized_caches_equal_their_formulas(make):
+def test_nbytes_of_padded_paged_and_quantized_caches_equal_their_formulas(make):
     cache = make()
-    arrays = [a for a in vars(cache).values() if isinstance(a, np.ndarray)]
+    owners = [cache] + [v for v in vars(cache).values() if hasattr(v, "__dict__")]  # + the pool
+    arrays = [a for o in owners for a in vars(o).values() if isinstance(a, np.ndarray)]
     assert cache.nbytes == expected_nbytes(cache) == sum(a.nbytes for a in arrays)

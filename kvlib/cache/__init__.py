@@ -1,7 +1,10 @@
 """KV caches. All honour the protocol in `kvlib.cache.base`."""
 
 from .base import KVCache, StepPlan
+from .block_pool import BlockPool, prefix_key
 from .contiguous import ContiguousCache
+from .paged import PagedCache, paged_cache_nbytes
 from .quantized import QuantizedCache, QuantScheme
 
-__all__ = ["KVCache", "StepPlan", "ContiguousCache", "QuantizedCache", "QuantScheme"]
+__all__ = ["KVCache", "StepPlan", "ContiguousCache", "BlockPool", "PagedCache",
+           "paged_cache_nbytes", "prefix_key", "QuantizedCache", "QuantScheme"]

@@ -66,6 +66,14 @@ class KVCache(ABC):
     def new_sequence(self) -> int:
         """Start an empty sequence and return its id."""
 
+    def start_sequence(self, prompt_ids) -> tuple[int, int]:
+        """Start a sequence for `prompt_ids`; return (id, prompt tokens already cached).
+
+        The caller then feeds the model `prompt_ids[n_cached:]`. Caches without a
+        prefix cache hold nothing yet: n_cached is 0.
+        """
+        return self.new_sequence(), 0
+
     @abstractmethod
     def free(self, seq_id: int) -> None:
         """Forget a sequence and release its space."""

@@ -31,7 +31,7 @@ class Generation:
 def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 32,
              sampler: Sampler | None = None, stop_ids=frozenset(),
              on_token: Callable[[int, int], None] | None = None,
-             batching: str = "ragged") -> list[Generation]:
+             batching: str = "ragged", n: int = 1) -> list[Generation]:
     """Generate up to `max_new_tokens` tokens for each prompt.
 
     Args:
@@ -39,15 +39,21 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         prompts: token ids of each prompt (ragged: any lengths).
         cache: None to recompute the whole sequence every step, or a `KVCache` with
             room for the batch; it is reset first, so no state leaks between calls.
+            A cache with a prefix cache may already hold the start of a prompt
+            (`start_sequence`); only the rest is fed to the model.
         sampler: how to pick tokens (default greedy).
         stop_ids: token ids that end a sequence (the id itself is kept in the output).
-        on_token: called as on_token(prompt_index, token_id) for every new token.
+        on_token: called as on_token(result_index, token_id) for every new token.
         batching: how prompts of different lengths share a step (see `kvlib.batching`):
             "ragged" packs them with no padding (any cache); "padded" left-pads them
             into a rectangle and needs a `PaddedCache`.
+        n: completions per prompt. Each prompt is prefilled once; with a cache its
+            sequence is then forked n - 1 times, so the samples share the prompt's
+            blocks (the cache needs `fork`, as `PagedCache` has).
     Returns:
-        One `Generation` per prompt, in order. A finished sequence leaves the batch;
-        the others keep decoding until they stop or reach the limit.
+        n `Generation`s per prompt, in order: sample j of prompt p is at p * n + j.
+        A finished sequence leaves the batch; the others keep decoding until they stop
+        or reach the limit.
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -60,28 +66,42 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         if not isinstance(cache, PaddedCache):
             raise ConfigError("padded batching stores its padding in a kvlib.batching."
                               f"PaddedCache; got {type(cache).__name__}")
+    if n < 1:
+        raise ConfigError(f"n (completions per prompt) must be >= 1, got {n}")
+    if n > 1 and cache is not None and not hasattr(cache, "fork"):
+        raise ConfigError(f"n > 1 shares the prompt by forking its sequence; "
+                          f"{type(cache).__name__} cannot fork (use PagedCache)")
     sampler = sampler or Sampler()
-    results = [Generation(prompt_ids=[int(t) for t in p]) for p in prompts]
+    results = [Generation(prompt_ids=[int(t) for t in p]) for p in prompts for _ in range(n)]
     if max_new_tokens == 0:
         return results
 
-    active = list(range(len(prompts)))
+    leaders = list(range(0, len(results), n))  # the first sample of each prompt
     if cache is None:
         def step(indices, new_tokens):
             whole = [results[i].prompt_ids + results[i].token_ids for i in indices]
             return model.forward(whole)
+        new_tokens = None
     else:
         cache.reset()
-        seq_of = {i: cache.new_sequence() for i in active}
+        seq_of, new_tokens = {}, []
+        for i, prompt in zip(leaders, prompts):
+            seq_of[i], n_cached = cache.start_sequence(prompt)
+            new_tokens.append(np.asarray(prompt[n_cached:]))  # the prefill skips cached tokens
 
         def step(indices, new_tokens):
             if batching == "padded":
                 return padded_forward(model, new_tokens, cache, [seq_of[i] for i in indices])
             return model.forward(new_tokens, cache, [seq_of[i] for i in indices])
 
-    new_tokens = [np.asarray(p) for p in prompts]  # the first step is the prefill
+    logits = np.repeat(step(leaders, new_tokens), n, axis=0)  # one prefill per prompt
+    if cache is not None:
+        for i in leaders:
+            for j in range(1, n):
+                seq_of[i + j] = cache.fork(seq_of[i])
+    active = list(range(len(results)))
     while active:
-        next_ids = sampler(step(active, new_tokens))
+        next_ids = sampler(logits)
         still_active = []
         for i, token in zip(active, next_ids):
             token = int(token)
@@ -96,5 +116,6 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
             for i in set(active) - set(still_active):
                 cache.free(seq_of[i])
         active = still_active
-        new_tokens = [np.array([results[i].token_ids[-1]]) for i in active]
+        if active:
+            logits = step(active, [np.array([results[i].token_ids[-1]]) for i in active])
     return results
