@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError
+from ..prefill import chunked_prefill
 from .sampling import Sampler
 
 
@@ -30,7 +31,8 @@ class Generation:
 
 def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 32,
              sampler: Sampler | None = None, stop_ids=frozenset(),
-             on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+             on_token: Callable[[int, int], None] | None = None,
+             prefill_chunk: int | None = None) -> list[Generation]:
     """Generate up to `max_new_tokens` tokens for each prompt.
 
     Args:
@@ -41,6 +43,8 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         sampler: how to pick tokens (default greedy).
         stop_ids: token ids that end a sequence (the id itself is kept in the output).
         on_token: called as on_token(prompt_index, token_id) for every new token.
+        prefill_chunk: feed the prompts through the cache this many tokens at a time
+            (`kvlib.prefill.chunked_prefill`); None prefills each prompt in one step.
     Returns:
         One `Generation` per prompt, in order. A finished sequence leaves the batch;
         the others keep decoding until they stop or reach the limit.
@@ -49,6 +53,8 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
+    if prefill_chunk is not None and (cache is None or prefill_chunk < 1):
+        raise ConfigError(f"prefill_chunk={prefill_chunk} needs a KV cache and must be >= 1")
     sampler = sampler or Sampler()
     results = [Generation(prompt_ids=[int(t) for t in p]) for p in prompts]
     if max_new_tokens == 0:
@@ -64,7 +70,10 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         seq_of = {i: cache.new_sequence() for i in active}
 
         def step(indices, new_tokens):
-            return model.forward(new_tokens, cache, [seq_of[i] for i in indices])
+            ids = [seq_of[i] for i in indices]
+            if prefill_chunk is not None and cache.length(ids[0]) == 0:  # the prefill
+                return chunked_prefill(model, new_tokens, cache, ids, prefill_chunk)
+            return model.forward(new_tokens, cache, ids)
 
     new_tokens = [np.asarray(p) for p in prompts]  # the first step is the prefill
     while active:
