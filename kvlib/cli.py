@@ -30,7 +30,7 @@ def cmd_generate(args) -> int:
 
     start = time.perf_counter()
     results = model.generate(prompts, cache=cache, max_new_tokens=args.max_new_tokens,
-                             sampler=sampler)
+                             sampler=sampler, prefill_chunk=args.prefill_chunk)
     seconds = time.perf_counter() - start
     n_new = sum(len(r.token_ids) for r in results)
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--cache", choices=["none", "contiguous"], default="contiguous",
                      help="none recomputes every token's keys and values at every step")
+    gen.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
+                     help="feed each prompt through the cache C tokens at a time "
+                          "(chunked prefill; needs a cache)")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
