@@ -58,7 +58,8 @@ def cmd_generate(args) -> int:
 
     start = time.perf_counter()
     results = model.generate(prompts, cache=cache, max_new_tokens=args.max_new_tokens,
-                             sampler=sampler, batching=args.batching, n=args.n)
+                             sampler=sampler, batching=args.batching, n=args.n,
+                             prefill_chunk=args.prefill_chunk)
     seconds = time.perf_counter() - start
     n_new = sum(len(r.token_ids) for r in results)
 
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="blocks in the paged pool (default: enough for the batch)")
     gen.add_argument("--n", type=int, default=1, metavar="K",
                      help="K samples per prompt; the paged cache shares the prompt's blocks")
+    gen.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
+                     help="feed each prompt through the cache C tokens at a time "
+                          "(chunked prefill; needs a cache)")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

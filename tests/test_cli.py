@@ -33,3 +33,18 @@ def test_bad_input_is_a_clear_error():
     out = run("generate", "x", "--top-p", "2", "--quiet")
     assert out.returncode == 2
     assert "kvlib: error: top_p" in out.stderr
+
+
+def test_prefill_chunk_gives_the_same_text():
+    a = run("generate", "The sky is", "--max-new-tokens", "6", "--quiet")
+    b = run("generate", "The sky is", "--max-new-tokens", "6", "--quiet", "--prefill-chunk", "2")
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_prefill_chunk_needs_a_cache_and_a_positive_size():
+    for extra in (["--cache", "none"], ["--prefill-chunk", "0"]):
+        out = run("generate", "x", "--max-new-tokens", "2", "--quiet", "--prefill-chunk", "3",
+                  *extra)
+        assert out.returncode == 2
+        assert "kvlib: error: prefill_chunk" in out.stderr

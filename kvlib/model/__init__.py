@@ -32,10 +32,12 @@ class Model:
 
     def generate(self, prompts, cache=None, max_new_tokens: int = 32,
                  sampler: Sampler | None = None, on_token=None,
-                 batching: str = "ragged", n: int = 1) -> list[Generation]:
+                 batching: str = "ragged", n: int = 1,
+                 prefill_chunk: int | None = None) -> list[Generation]:
         """`generate` on token-id prompts, stopping at the model's stop tokens; fills `text`."""
         results = generate(self.llama, prompts, cache, max_new_tokens, sampler,
-                           self.tokenizer.stop_ids, on_token, batching=batching, n=n)
+                           self.tokenizer.stop_ids, on_token, batching=batching, n=n,
+                           prefill_chunk=prefill_chunk)
         for r in results:
             r.text = self.tokenizer.decode(r.token_ids, skip_special=True)
         return results

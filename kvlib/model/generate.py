@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError
+from ..prefill import chunked_prefill
 from .sampling import Sampler
 
 
@@ -31,7 +32,8 @@ class Generation:
 def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 32,
              sampler: Sampler | None = None, stop_ids=frozenset(),
              on_token: Callable[[int, int], None] | None = None,
-             batching: str = "ragged", n: int = 1) -> list[Generation]:
+             batching: str = "ragged", n: int = 1,
+             prefill_chunk: int | None = None) -> list[Generation]:
     """Generate up to `max_new_tokens` tokens for each prompt.
 
     Args:
@@ -50,6 +52,8 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         n: completions per prompt. Each prompt is prefilled once; with a cache its
             sequence is then forked n - 1 times, so the samples share the prompt's
             blocks (the cache needs `fork`, as `PagedCache` has).
+        prefill_chunk: feed the prompts through the cache this many tokens at a time
+            (`kvlib.prefill.chunked_prefill`); None prefills each prompt in one step.
     Returns:
         n `Generation`s per prompt, in order: sample j of prompt p is at p * n + j.
         A finished sequence leaves the batch; the others keep decoding until they stop
@@ -71,6 +75,10 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
     if n > 1 and cache is not None and not hasattr(cache, "fork"):
         raise ConfigError(f"n > 1 shares the prompt by forking its sequence; "
                           f"{type(cache).__name__} cannot fork (use PagedCache)")
+    if prefill_chunk is not None and batching == "padded":
+        raise ConfigError("chunked prefill runs on the ragged path; use batching='ragged'")
+    if prefill_chunk is not None and (cache is None or prefill_chunk < 1):
+        raise ConfigError(f"prefill_chunk={prefill_chunk} needs a KV cache and must be >= 1")
     sampler = sampler or Sampler()
     results = [Generation(prompt_ids=[int(t) for t in p]) for p in prompts for _ in range(n)]
     if max_new_tokens == 0:
@@ -94,7 +102,12 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
                 return padded_forward(model, new_tokens, cache, [seq_of[i] for i in indices])
             return model.forward(new_tokens, cache, [seq_of[i] for i in indices])
 
-    logits = np.repeat(step(leaders, new_tokens), n, axis=0)  # one prefill per prompt
+    if prefill_chunk is not None:
+        first = chunked_prefill(model, new_tokens, cache, [seq_of[i] for i in leaders],
+                                prefill_chunk)
+    else:
+        first = step(leaders, new_tokens)
+    logits = np.repeat(first, n, axis=0)  # one prefill per prompt
     if cache is not None:
         for i in leaders:
             for j in range(1, n):
