@@ -1,0 +1,124 @@
+"""Benchmarks of decode attention and of whole decode steps, used by `kvlib bench` and
+chapter 8.
+
+Attention is timed through the cache protocol, exactly as the model calls it: a cache is
+filled with `context` tokens per sequence, one decode step is planned and written, and
+`cache.attend` is timed (median of repeats, after a warm-up call that also compiles).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .cache import ContiguousCache
+from .errors import ConfigError
+from .roofline import Roofline, Traffic, attention_traffic
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One way of running decode attention: a cache type plus its attend backend.
+
+    Attributes:
+        name: how benchmarks and plots label it.
+        make_cache: (n_kv_heads, head_dim, batch, max_seq) -> an empty one-layer cache.
+        bytes_per_value: storage bytes of one key or value element.
+        extra_bytes_per_token: metadata read per token and layer (e.g. scales).
+    """
+
+    name: str
+    make_cache: Callable
+    bytes_per_value: float = 4.0
+    extra_bytes_per_token: float = 0.0
+
+
+def _contiguous(backend: str) -> Callable:
+    return lambda n_kv_heads, head_dim, batch, max_seq: ContiguousCache(
+        1, n_kv_heads, head_dim, batch, max_seq, backend=backend)
+
+
+ATTENTION_BACKENDS = {
+    "numpy": AttentionBackend("numpy", _contiguous("numpy")),
+    "numba": AttentionBackend("numba", _contiguous("numba")),
+}
+
+
+def filled_cache(backend: AttentionBackend, batch: int, context: int, n_kv_heads: int,
+                 head_dim: int, seed: int = 0, chunk: int = 1024):
+    """A one-layer cache holding `context` tokens for each of `batch` sequences.
+
+    Keys/values are random; one random chunk is reused along the context (timing does
+    not depend on the values). Returns (cache, sequence ids).
+    """
+    rng = np.random.default_rng(seed)
+    cache = backend.make_cache(n_kv_heads, head_dim, batch, context + 1)
+    seqs = [cache.new_sequence() for _ in range(batch)]
+    block = rng.standard_normal((chunk, n_kv_heads, head_dim), dtype=np.float32)
+    for start in range(0, context, chunk):
+        n = min(chunk, context - start)
+        plan = cache.plan(seqs, [n] * batch)
+        k = np.tile(block[:n], (batch, 1, 1))
+        cache.write(0, plan, k, k[::-1].copy())
+        cache.commit(plan)
+    return cache, seqs
+
+
+def time_call(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls of fn, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_attention(backends, batches, contexts, roof: Roofline, n_heads: int = 9,
+                    n_kv_heads: int = 3, head_dim: int = 64, repeats: int = 5,
+                    progress: bool = False) -> list[dict]:
+    """Time decode attention for every (backend, batch, context).
+
+    Returns one dict per row: backend, batch, context, seconds (median), gb_per_s
+    (bytes that must be read / seconds, 1e9 bytes per GB), fraction_of_roof (of the
+    measured bandwidth roof), gflop_per_s and intensity (FLOP/byte).
+    """
+    unknown = [b for b in backends if b not in ATTENTION_BACKENDS]
+    if unknown:
+        raise ConfigError(f"unknown attention backend(s) {unknown}; "
+                          f"choose from {sorted(ATTENTION_BACKENDS)}")
+    if min(batches) < 1 or min(contexts) < 1 or repeats < 1:
+        raise ConfigError("batch sizes, contexts and repeats must be positive")
+    shapes = [(b, c) for c in contexts for b in batches]
+    rows = []
+    if progress:
+        from tqdm.auto import tqdm
+        shapes = tqdm(shapes, desc="bench attention")
+    rng = np.random.default_rng(1)
+    for batch, context in shapes:
+        for name in backends:
+            backend = ATTENTION_BACKENDS[name]
+            cache, seqs = filled_cache(backend, batch, context - 1, n_kv_heads, head_dim)
+            plan = cache.plan(seqs, [1] * batch)
+            k = rng.standard_normal((batch, n_kv_heads, head_dim), dtype=np.float32)
+            cache.write(0, plan, k, k)
+            q = rng.standard_normal((batch, n_heads, head_dim), dtype=np.float32)
+            seconds = time_call(lambda: cache.attend(0, plan, q), repeats)
+            work = attention_traffic(batch, context, n_heads, n_kv_heads, head_dim,
+                                     backend.bytes_per_value, backend.extra_bytes_per_token)
+            rows.append(row(name, batch, context, seconds, work, roof))
+            del cache
+    return rows
+
+
+def row(backend: str, batch: int, context: int, seconds: float, work: Traffic,
+        roof: Roofline) -> dict:
+    """One benchmark row: effective bandwidth and its share of the measured roof."""
+    bandwidth = work.bytes / seconds
+    return {"backend": backend, "batch": batch, "context": context, "seconds": seconds,
+            "gb_per_s": bandwidth / 1e9, "fraction_of_roof": bandwidth / roof.memory_roof,
+            "gflop_per_s": work.flops / seconds / 1e9, "intensity": work.intensity}
