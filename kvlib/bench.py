@@ -122,3 +122,83 @@ def row(backend: str, batch: int, context: int, seconds: float, work: Traffic,
     return {"backend": backend, "batch": batch, "context": context, "seconds": seconds,
             "gb_per_s": bandwidth / 1e9, "fraction_of_roof": bandwidth / roof.memory_roof,
             "gflop_per_s": work.flops / seconds / 1e9, "intensity": work.intensity}
+
+
+@dataclass(frozen=True)
+class DecodeProfile:
+    """Median time of one real-model decode step and of its attention calls.
+
+    Attributes:
+        backend: the cache's attention backend.
+        context: tokens in the cache when the step starts.
+        step_seconds: whole forward step (all layers, LM head).
+        attention_seconds: part of it spent in `cache.attend` (all layers).
+    """
+
+    backend: str
+    context: int
+    step_seconds: float
+    attention_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.step_seconds
+
+    @property
+    def attention_share(self) -> float:
+        return self.attention_seconds / self.step_seconds
+
+
+def profile_decode(model, cache, seq_id: int, context: int, steps: int = 4,
+                   token: int = 198) -> DecodeProfile:
+    """Time `steps` decode steps of one sequence cropped to `context` cached tokens.
+
+    The sequence must already hold at least `context` tokens; it is cropped back to
+    `context` first, so one filled cache serves every context. One untimed step warms up.
+    """
+    if steps < 1 or not 1 <= context <= cache.length(seq_id):
+        raise ConfigError(f"need steps >= 1 and 1 <= context <= {cache.length(seq_id)}")
+    attend = cache.attend
+    attention_times: list[float] = []
+
+    def timed_attend(layer, plan, q):
+        start = time.perf_counter()
+        out = attend(layer, plan, q)
+        attention_times.append(time.perf_counter() - start)
+        return out
+
+    cache.attend = timed_attend  # instance attribute: shadows the method for this run
+    try:
+        cache.crop(seq_id, context)
+        model.forward([[token]], cache, [seq_id])  # warm-up
+        step_times, per_step_attention = [], []
+        for _ in range(steps):
+            attention_times.clear()
+            start = time.perf_counter()
+            model.forward([[token]], cache, [seq_id])
+            step_times.append(time.perf_counter() - start)
+            per_step_attention.append(sum(attention_times))
+    finally:
+        del cache.attend
+    return DecodeProfile(cache.backend, context, float(np.median(step_times)),
+                         float(np.median(per_step_attention)))
+
+
+def extend_by_repetition(cache, seq_id: int, length: int) -> None:
+    """Grow a sequence of a `ContiguousCache` to `length` tokens by repeating its keys/values.
+
+    For timing long contexts without a long prefill: the cost of a decode step depends on
+    how many tokens are cached, not on what they are.
+    """
+    have = cache.length(seq_id)
+    if have < 1 or length < have:
+        raise ConfigError(f"sequence holds {have} tokens; cannot extend it to {length}")
+    if length == have:
+        return
+    plan = cache.plan([seq_id], [length - have])
+    reps = -(-length // have)
+    for layer in range(cache.n_layers):
+        k, v = (np.tile(x[layer, seq_id, :, :have], (1, reps, 1))[:, have:length]
+                .transpose(1, 0, 2).copy() for x in (cache.keys, cache.values))
+        cache.write(layer, plan, k, v)
+    cache.commit(plan)

@@ -127,3 +127,53 @@ def test_real_model_attention_outputs_agree_within_1e_5(model, prompt_ids):
     model.generate(prompt_ids, cache=cache, max_new_tokens=4)
     assert len(cache.differences) == 3 * model.config.n_layers
     assert max(cache.differences) < 1e-5
+
+
+def random_pool(rng, n_seq, n_kv_heads, head_dim, block_size, lengths, extra_blocks=3):
+    """A block pool plus block tables in shuffled order, and the same data laid out
+    contiguously ([n_seq, kv, max_len, d]) for the reference."""
+    need = [-(-n // block_size) for n in lengths]
+    n_blocks = sum(need) + extra_blocks
+    keys = rng.standard_normal((n_blocks, n_kv_heads, block_size, head_dim), dtype=np.float32)
+    values = rng.standard_normal(keys.shape, dtype=np.float32)
+    order = rng.permutation(n_blocks)
+    table = np.full((n_seq, max(need)), -1, dtype=np.int32)
+    contiguous_k = np.zeros((n_seq, n_kv_heads, max(need) * block_size, head_dim), np.float32)
+    contiguous_v = np.zeros_like(contiguous_k)
+    taken = 0
+    for b, n in enumerate(need):
+        table[b, :n] = order[taken:taken + n]
+        taken += n
+        for i, block in enumerate(table[b, :n]):
+            contiguous_k[b, :, i * block_size:(i + 1) * block_size] = keys[block]
+            contiguous_v[b, :, i * block_size:(i + 1) * block_size] = values[block]
+    return keys, values, table, contiguous_k, contiguous_v
+
+
+@pytest.mark.parametrize("block_size,lengths", [
+    (16, [1, 16, 17, 200]),     # one token, one full block, a boundary + 1, many blocks
+    (1, [1, 5, 9, 2]),          # block size 1
+    (7, [7, 6, 50, 8]),         # a block size that is not a power of two
+])
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(3, 3), (9, 3), (12, 1)])
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_paged_kernel_matches_reference(rng, block_size, lengths, n_heads, n_kv_heads,
+                                        n_splits):
+    keys, values, table, ck, cv = random_pool(rng, 4, n_kv_heads, 16, block_size, lengths)
+    q = rng.standard_normal((4, n_heads, 16), dtype=np.float32)
+    got = cpu.decode_paged(q, keys, values, table, lengths, n_splits=n_splits)
+    want = reference(q, ck, cv, np.arange(4), lengths)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_paged_kernel_rejects_bad_tables(rng):
+    keys, values, table, _, _ = random_pool(rng, 2, 1, 8, 4, [5, 8])
+    q = rng.standard_normal((2, 2, 8), dtype=np.float32)
+    bad = table.copy()
+    bad[0, 1] = len(keys)
+    with pytest.raises(ShapeError):
+        cpu.decode_paged(q, keys, values, bad, [5, 8])
+    with pytest.raises(ShapeError):
+        cpu.decode_paged(q, keys, values, table[:1], [5, 8])
+    with pytest.raises(ShapeError):
+        cpu.decode_paged(q, keys, values, table, [5, 9])  # past the table's blocks

@@ -19,7 +19,9 @@ query heads sharing one KV head (grouped-query attention). Three ideas make it f
   afterwards with the same online-softmax rule (Flash-Decoding).
 
 Kernels follow the storage of each cache: `decode_contiguous` reads a
-`[rows, n_kv_heads, max_seq, head_dim]` layer of `ContiguousCache`.
+`[rows, n_kv_heads, max_seq, head_dim]` layer of `ContiguousCache`; `decode_paged` reads a
+`[num_blocks, n_kv_heads, block_size, head_dim]` block pool through each sequence's block
+table, one block per tile, without gathering the sequence into a copy.
 """
 
 from __future__ import annotations
@@ -152,6 +154,32 @@ def _decode_contiguous_kernel(q, keys, values, rows, lengths, scale, n_splits):
     return out
 
 
+@njit(parallel=True, cache=True, fastmath=False)
+def _decode_paged_kernel(q, keys, values, block_table, lengths, scale, n_splits):
+    n_seq, n_heads, head_dim = q.shape
+    n_kv_heads, block_size = keys.shape[1], keys.shape[2]
+    n_group = n_heads // n_kv_heads
+    m = np.full((n_seq, n_kv_heads, n_splits, n_group), -np.inf, dtype=np.float32)
+    l = np.zeros((n_seq, n_kv_heads, n_splits, n_group), dtype=np.float32)
+    acc = np.zeros((n_seq, n_kv_heads, n_splits, n_group, head_dim), dtype=np.float32)
+    for item in prange(n_seq * n_kv_heads * n_splits):
+        b = item // (n_kv_heads * n_splits)
+        h = (item // n_splits) % n_kv_heads
+        split = item % n_splits
+        q_group = q[b, h * n_group:(h + 1) * n_group] * scale
+        scores = np.empty((n_group, block_size), dtype=np.float32)
+        n_blocks = (lengths[b] + block_size - 1) // block_size
+        first, last = _split_range(n_blocks, split, n_splits)
+        for i in range(first, last):
+            block = block_table[b, i]                           # the block-table walk
+            used = min(block_size, lengths[b] - i * block_size)  # the last block may be partial
+            _fold_tile(q_group, keys[block, h, :used], values[block, h, :used],
+                       m[b, h, split], l[b, h, split], acc[b, h, split], scores)
+    out = np.empty_like(q)
+    _merge_splits(m, l, acc, out)
+    return out
+
+
 def choose_splits(n_items: int, n_tokens: int, n_threads: int | None = None,
                   min_tokens: int = MIN_SPLIT_TOKENS) -> int:
     """How many ranges to cut each work item's context into (split-K).
@@ -204,3 +232,37 @@ def decode_contiguous(q: np.ndarray, keys: np.ndarray, values: np.ndarray, rows,
         n_splits = choose_splits(len(rows) * keys.shape[1], int(lengths.max(initial=1)))
     return _decode_contiguous_kernel(np.ascontiguousarray(q), keys, values, rows, lengths,
                                      np.float32(scale), n_splits)
+
+
+def decode_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, block_table, lengths,
+                 scale: float | None = None, n_splits: int | None = None) -> np.ndarray:
+    """Decode attention over one layer of a paged block pool.
+
+    Args:
+        q: [B, n_heads, head_dim] float32, the one new query of each sequence.
+        keys, values: [num_blocks, n_kv_heads, block_size, head_dim] float32 (one layer).
+        block_table: [B, max_blocks] int; token t of sequence b lives in block
+            block_table[b, t // block_size] at offset t % block_size.
+        lengths: [B] tokens to attend over per sequence (the new one included), >= 1.
+        scale, n_splits: as in `decode_contiguous`.
+    Returns:
+        [B, n_heads, head_dim] float32.
+    """
+    block_table = np.ascontiguousarray(block_table, dtype=np.int32)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    if keys.dtype != np.float32 or values.dtype != np.float32:
+        raise DTypeError(f"the Numba kernel reads float32 keys/values, got {keys.dtype}")
+    block_size = keys.shape[2]
+    if block_table.ndim != 2 or block_table.shape[0] != len(lengths):
+        raise ShapeError(f"block_table has shape {block_table.shape}, expected "
+                         f"[{len(lengths)}, max_blocks]")
+    _check_decode(q, len(lengths), keys.shape[1], keys.shape[3], lengths,
+                  block_table.shape[1] * block_size)
+    used = block_table[np.arange(block_table.shape[1]) < -(-lengths[:, None] // block_size)]
+    if used.size and (used.min() < 0 or used.max() >= keys.shape[0]):
+        raise ShapeError(f"block table names blocks outside the pool of {keys.shape[0]}")
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    if n_splits is None:
+        n_splits = choose_splits(len(lengths) * keys.shape[1], int(lengths.max(initial=1)))
+    return _decode_paged_kernel(np.ascontiguousarray(q), keys, values, block_table, lengths,
+                                np.float32(scale), n_splits)
