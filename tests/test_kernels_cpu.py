@@ -177,3 +177,67 @@ def test_paged_kernel_rejects_bad_tables(rng):
         cpu.decode_paged(q, keys, values, table[:1], [5, 8])
     with pytest.raises(ShapeError):
         cpu.decode_paged(q, keys, values, table, [5, 9])  # past the table's blocks
+
+
+def test_half_to_float_matches_numpy_float16():
+    bits = np.arange(0, 2**16, dtype=np.uint16)
+    halves = bits.view(np.float16)
+    finite = np.isfinite(halves)
+    got = np.array([cpu._half_to_float(b) for b in bits[finite]], dtype=np.float32)
+    np.testing.assert_array_equal(got, halves[finite].astype(np.float32))
+
+
+def quantize_8bit(x, axis, group, symmetric):
+    """8-bit codes and float16 scales (and zero points) of x, one scale per `group`
+    elements along `axis` (x is [..., tokens, d]); also the dequantized float32 array."""
+    shape = x.shape
+    moved = np.moveaxis(x, axis, -1)
+    g = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // group, group))
+    if symmetric:
+        scale = (np.abs(g).max(-1, keepdims=True) / 127).astype(np.float16)
+        codes = np.clip(np.rint(g / scale.astype(np.float32)), -127, 127).astype(np.int8)
+        deq = codes.astype(np.float32) * scale.astype(np.float32)
+        zero = None
+    else:
+        zero = g.min(-1, keepdims=True).astype(np.float16)
+        scale = ((g.max(-1, keepdims=True) - zero.astype(np.float32)) / 255).astype(np.float16)
+        codes = np.clip(np.rint((g - zero.astype(np.float32)) / scale.astype(np.float32)),
+                        0, 255).astype(np.uint8)
+        deq = codes.astype(np.float32) * scale.astype(np.float32) + zero.astype(np.float32)
+    back = lambda a: np.moveaxis(a.reshape(a.shape[:-2] + (-1,)), -1, axis)  # noqa: E731
+    meta = lambda a: None if a is None else np.moveaxis(a[..., 0], -1, axis)  # noqa: E731
+    return back(codes).reshape(shape), meta(scale), meta(zero), back(deq).reshape(shape)
+
+
+@pytest.mark.parametrize("symmetric,channel_group,key_token_group", [
+    (True, 64, 0),     # int8, one scale per token and head
+    (False, 16, 0),    # uint8 + zero point, groups of 16 channels
+    (False, 64, 8),    # per-channel keys in groups of 8 tokens (KIVI-style)
+])
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(2, 2), (9, 3)])
+@pytest.mark.parametrize("n_splits", [1, 4])
+def test_int8_kernel_matches_reference_on_dequantized_data(rng, symmetric, channel_group,
+                                                           key_token_group, n_heads,
+                                                           n_kv_heads, n_splits):
+    n_rows, max_seq, d, tail_slots = 3, 200, 64, 12
+    keys = rng.standard_normal((n_rows, n_kv_heads, max_seq, d), dtype=np.float32)
+    values = rng.standard_normal(keys.shape, dtype=np.float32)
+    if key_token_group:
+        kc, ks, kz, kdeq = quantize_8bit(keys, 2, key_token_group, symmetric)
+    else:
+        kc, ks, kz, kdeq = quantize_8bit(keys, 3, channel_group, symmetric)
+    vc, vs, vz, vdeq = quantize_8bit(values, 3, channel_group, symmetric)
+    tail_k = rng.standard_normal((n_rows, n_kv_heads, tail_slots, d), dtype=np.float32)
+    tail_v = rng.standard_normal(tail_k.shape, dtype=np.float32)
+    rows = np.array([2, 0, 1, 0])[:3]
+    n_quantized = np.array([0, 64, 192])   # only the tail; one tile; several tiles
+    lengths = np.array([5, 64, 200])       # no tail for the second sequence
+    q = rng.standard_normal((3, n_heads, d), dtype=np.float32)
+    got = cpu.decode_int8(q, kc, ks, kz, vc, vs, vz, tail_k, tail_v, rows, lengths,
+                          n_quantized, key_token_group, n_splits=n_splits)
+    want = []
+    for b, (r, n, nq) in enumerate(zip(rows, lengths, n_quantized)):
+        k = np.concatenate([kdeq[r, :, :nq], tail_k[r, :, :n - nq]], axis=1)
+        v = np.concatenate([vdeq[r, :, :nq], tail_v[r, :, :n - nq]], axis=1)
+        want.append(attention(q[b:b + 1], k, v)[0])
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)

@@ -21,7 +21,9 @@ query heads sharing one KV head (grouped-query attention). Three ideas make it f
 Kernels follow the storage of each cache: `decode_contiguous` reads a
 `[rows, n_kv_heads, max_seq, head_dim]` layer of `ContiguousCache`; `decode_paged` reads a
 `[num_blocks, n_kv_heads, block_size, head_dim]` block pool through each sequence's block
-table, one block per tile, without gathering the sequence into a copy.
+table, one block per tile, without gathering the sequence into a copy; `decode_int8`
+reads 8-bit codes with float16 scales (the layout of `QuantizedCache`) and dequantizes
+each tile into a small buffer that stays in the core's L1 cache.
 """
 
 from __future__ import annotations
@@ -180,6 +182,100 @@ def _decode_paged_kernel(q, keys, values, block_table, lengths, scale, n_splits)
     return out
 
 
+# 2**(e - 25) for the 5-bit exponent e of a float16 (e = 0 is handled as e = 1: subnormals)
+_HALF_POWERS = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
+
+
+@njit(cache=True, fastmath=False)
+def _half_to_float(bits):
+    """The float32 value of float16 `bits` (a uint16), for finite values.
+
+    Numba cannot read float16 arrays, so the kernels read scales as their raw 16 bits:
+    sign (1 bit), exponent e (5 bits), mantissa m (10 bits); the value is
+    +-(1024 + m) * 2**(e - 25) for e > 0 and +-m * 2**(-24) for e = 0 (subnormal).
+    """
+    exponent = (bits >> 10) & 0x1F
+    mantissa = bits & 0x3FF
+    if exponent > 0:
+        mantissa += 1024
+    value = np.float32(mantissa) * _HALF_POWERS[exponent]
+    return -value if bits & 0x8000 else value
+
+
+@njit(cache=True, fastmath=False)
+def _dequantize_rows(codes, scale, zero, has_zero, channel_group, out):
+    """out[i, j] = codes[i, j] * scale[i, j // channel_group] (+ zero[i, ...]).
+
+    For per-token data: codes [n, d], scale/zero [n, d // channel_group] as float16 bits.
+    """
+    n, head_dim = codes.shape
+    for i in range(n):
+        for g in range(head_dim // channel_group):
+            s = _half_to_float(scale[i, g])
+            z = _half_to_float(zero[i, g]) if has_zero else np.float32(0.0)
+            for j in range(g * channel_group, (g + 1) * channel_group):
+                out[i, j] = np.float32(codes[i, j]) * s + z
+
+
+@njit(cache=True, fastmath=False)
+def _dequantize_channels(codes, scale, zero, has_zero, first_token, token_group, out):
+    """Per-channel keys: out[i, j] = codes[i, j] * scale[(first_token + i) // token_group, j]."""
+    n, head_dim = codes.shape
+    for i in range(n):
+        row = (first_token + i) // token_group
+        for j in range(head_dim):
+            z = _half_to_float(zero[row, j]) if has_zero else np.float32(0.0)
+            out[i, j] = np.float32(codes[i, j]) * _half_to_float(scale[row, j]) + z
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _decode_int8_kernel(q, key_codes, key_scale, key_zero, value_codes, value_scale,
+                        value_zero, tail_keys, tail_values, rows, lengths, n_quantized,
+                        has_zero, channel_group, key_token_group, scale, n_splits):
+    n_seq, n_heads, head_dim = q.shape
+    n_kv_heads = key_codes.shape[1]
+    n_group = n_heads // n_kv_heads
+    m = np.full((n_seq, n_kv_heads, n_splits, n_group), -np.inf, dtype=np.float32)
+    l = np.zeros((n_seq, n_kv_heads, n_splits, n_group), dtype=np.float32)
+    acc = np.zeros((n_seq, n_kv_heads, n_splits, n_group, head_dim), dtype=np.float32)
+    for item in prange(n_seq * n_kv_heads * n_splits):
+        b = item // (n_kv_heads * n_splits)
+        h = (item // n_splits) % n_kv_heads
+        split = item % n_splits
+        r = rows[b]
+        q_group = q[b, h * n_group:(h + 1) * n_group] * scale
+        scores = np.empty((n_group, TILE), dtype=np.float32)
+        k_tile = np.empty((TILE, head_dim), dtype=np.float32)  # dequantized tile, in L1
+        v_tile = np.empty((TILE, head_dim), dtype=np.float32)
+        n_q = n_quantized[b]
+        n_tiles = (n_q + TILE - 1) // TILE
+        n_units = n_tiles + (1 if lengths[b] > n_q else 0)  # the tail is one more unit
+        first, last = _split_range(n_units, split, n_splits)
+        for tile in range(first, last):
+            state = (m[b, h, split], l[b, h, split], acc[b, h, split])
+            if tile == n_tiles:                                  # the float32 tail
+                n_tail = lengths[b] - n_q
+                _fold_tile(q_group, tail_keys[r, h, :n_tail], tail_values[r, h, :n_tail],
+                           state[0], state[1], state[2], scores)
+                continue
+            start = tile * TILE
+            end = min(start + TILE, n_q)
+            n = end - start
+            if key_token_group > 0:                              # per-channel keys
+                _dequantize_channels(key_codes[r, h, start:end], key_scale[r, h],
+                                     key_zero[r, h], has_zero, start, key_token_group,
+                                     k_tile[:n])
+            else:
+                _dequantize_rows(key_codes[r, h, start:end], key_scale[r, h, start:end],
+                                 key_zero[r, h, start:end], has_zero, channel_group, k_tile[:n])
+            _dequantize_rows(value_codes[r, h, start:end], value_scale[r, h, start:end],
+                             value_zero[r, h, start:end], has_zero, channel_group, v_tile[:n])
+            _fold_tile(q_group, k_tile[:n], v_tile[:n], state[0], state[1], state[2], scores)
+    out = np.empty_like(q)
+    _merge_splits(m, l, acc, out)
+    return out
+
+
 def choose_splits(n_items: int, n_tokens: int, n_threads: int | None = None,
                   min_tokens: int = MIN_SPLIT_TOKENS) -> int:
     """How many ranges to cut each work item's context into (split-K).
@@ -266,3 +362,52 @@ def decode_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, block_tabl
         n_splits = choose_splits(len(lengths) * keys.shape[1], int(lengths.max(initial=1)))
     return _decode_paged_kernel(np.ascontiguousarray(q), keys, values, block_table, lengths,
                                 np.float32(scale), n_splits)
+
+
+def decode_int8(q: np.ndarray, key_codes, key_scale, key_zero, value_codes, value_scale,
+                value_zero, tail_keys, tail_values, rows, lengths, n_quantized,
+                key_token_group: int = 0, scale: float | None = None,
+                n_splits: int | None = None) -> np.ndarray:
+    """Decode attention over one layer of an 8-bit quantized cache, dequantizing inside.
+
+    Tokens [0, n_quantized[b]) of sequence b are stored as 8-bit codes (int8 symmetric,
+    or uint8 with a zero point) with float16 scales; tokens [n_quantized[b], lengths[b])
+    are float32 in the tail.
+
+    Args:
+        q: [B, n_heads, head_dim] float32.
+        key_codes, value_codes: [rows, n_kv_heads, max_seq, head_dim] int8 or uint8.
+        value_scale, value_zero: [rows, n_kv_heads, max_seq, head_dim // channel_group]
+            float16 (zero None when symmetric); key_scale, key_zero: the same for per-token
+            keys, [rows, n_kv_heads, max_seq // key_token_group, head_dim] for per-channel.
+        tail_keys, tail_values: [rows, n_kv_heads, tail_slots, head_dim] float32.
+        rows, lengths, n_quantized: [B] row, tokens to attend over, tokens quantized.
+        key_token_group: 0 for per-token keys, else tokens per per-channel key scale.
+        scale, n_splits: as in `decode_contiguous`.
+    Returns:
+        [B, n_heads, head_dim] float32.
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    n_quantized = np.ascontiguousarray(n_quantized, dtype=np.int64)
+    if key_codes.dtype not in (np.int8, np.uint8) or value_codes.dtype != key_codes.dtype:
+        raise DTypeError(f"the int8 kernel reads 8-bit codes, got {key_codes.dtype}")
+    if key_scale.dtype != np.float16 or value_scale.dtype != np.float16:
+        raise DTypeError("the int8 kernel reads float16 scales")
+    _check_decode(q, len(rows), key_codes.shape[1], key_codes.shape[3], lengths,
+                  key_codes.shape[2])
+    if (n_quantized > lengths).any() or (lengths - n_quantized > tail_keys.shape[2]).any():
+        raise ShapeError(f"n_quantized {n_quantized} does not fit lengths {lengths} with a "
+                         f"tail of {tail_keys.shape[2]} slots")
+    has_zero = key_zero is not None
+    if not has_zero:  # symmetric: the kernel never reads zero points; pass the scales
+        key_zero, value_zero = key_scale, value_scale
+    channel_group = key_codes.shape[3] // value_scale.shape[3]
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    if n_splits is None:
+        n_splits = choose_splits(len(rows) * key_codes.shape[1], int(lengths.max(initial=1)))
+    bits = [a.view(np.uint16) for a in (key_scale, key_zero, value_scale, value_zero)]
+    return _decode_int8_kernel(np.ascontiguousarray(q), key_codes, bits[0], bits[1],
+                               value_codes, bits[2], bits[3], tail_keys, tail_values, rows, lengths,
+                               n_quantized, has_zero, channel_group, key_token_group,
+                               np.float32(scale), n_splits)
