@@ -27,13 +27,14 @@ class AttentionBackend:
         name: how benchmarks and plots label it.
         make_cache: (n_kv_heads, head_dim, batch, max_seq) -> an empty one-layer cache.
         bytes_per_value: storage bytes of one key or value element.
-        extra_bytes_per_token: metadata read per token and layer (e.g. scales).
+        meta_bytes_per_vector: metadata read with each stored key or value vector of one
+            head and token (e.g. a quantization scale).
     """
 
     name: str
     make_cache: Callable
     bytes_per_value: float = 4.0
-    extra_bytes_per_token: float = 0.0
+    meta_bytes_per_vector: float = 0.0
 
 
 def _contiguous(backend: str) -> Callable:
@@ -109,7 +110,8 @@ def bench_attention(backends, batches, contexts, roof: Roofline, n_heads: int = 
             q = rng.standard_normal((batch, n_heads, head_dim), dtype=np.float32)
             seconds = time_call(lambda: cache.attend(0, plan, q), repeats)
             work = attention_traffic(batch, context, n_heads, n_kv_heads, head_dim,
-                                     backend.bytes_per_value, backend.extra_bytes_per_token)
+                                     backend.bytes_per_value,
+                                     2 * n_kv_heads * backend.meta_bytes_per_vector)
             rows.append(row(name, batch, context, seconds, work, roof))
             del cache
     return rows
