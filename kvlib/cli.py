@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .errors import KVLibError
+from .errors import ConfigError, KVLibError
 
 
 def _make_cache(args, model, prompts):
@@ -48,6 +48,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    from .config import PRESETS, preset
+    from .memory import (cached_tokens, format_bytes, kv_bytes_per_token, kv_cache_bytes,
+                         storage_type)
+
+    if args.list:
+        for name, config in PRESETS.items():
+            window = f", window {config.sliding_window}" if config.sliding_window else ""
+            kv = (f"latent {config.kv_lora_rank} + RoPE key {config.rope_head_dim}"
+                  if config.attention_kind == "MLA" else f"{config.n_kv_heads} KV heads")
+            print(f"{name:14s} {config.attention_kind}  {config.n_layers} layers, "
+                  f"{config.n_heads} heads, {kv}, head dim {config.head_dim}{window}")
+        return 0
+    if args.model is None or args.tokens is None:
+        raise ConfigError("memory needs --model NAME and --tokens N (or --list)")
+    config = preset(args.model)
+    storage = storage_type(args.dtype, args.group_size)
+    per_token = kv_bytes_per_token(config, args.dtype, args.group_size)
+    total = kv_cache_bytes(config, args.tokens, args.batch, args.dtype, args.group_size)
+    kept = cached_tokens(config, args.tokens)
+    if args.json:
+        print(json.dumps({"model": args.model, "attention": config.attention_kind,
+                          "dtype": args.dtype, "group_size": storage.group_size,
+                          "tokens": args.tokens, "cached_tokens": kept, "batch": args.batch,
+                          "bytes_per_token": per_token, "total_bytes": total}))
+    else:
+        window = f" (a sliding window keeps {kept})" if kept != args.tokens else ""
+        print(f"{args.model} ({config.attention_kind}), {args.dtype}: "
+              f"{per_token:,} bytes per token ({format_bytes(per_token)})")
+        print(f"{args.batch} x {args.tokens:,} tokens{window}: "
+              f"{total:,} bytes ({format_bytes(total)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--json", action="store_true", help="one JSON object per row")
     att.add_argument("--quiet", action="store_true", help="no progress on stderr")
     att.set_defaults(run=cmd_bench_attention)
+
+    mem = sub.add_parser("memory", help="KV cache bytes of a real model (see --list)")
+    mem.add_argument("--model", help="a preset name, e.g. llama-3-8b")
+    mem.add_argument("--tokens", type=int, help="tokens per sequence")
+    mem.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    mem.add_argument("--dtype", default="fp16",
+                     help="storage type: fp32, fp16, bf16, fp8, int8, int4, int2 (default fp16)")
+    mem.add_argument("--group-size", type=int, default=None,
+                     help="numbers per scale for int types (default 32)")
+    mem.add_argument("--json", action="store_true", help="one JSON object")
+    mem.add_argument("--list", action="store_true", help="list the model presets")
+    mem.set_defaults(run=cmd_memory)
     return parser
 
 

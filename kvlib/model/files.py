@@ -50,7 +50,8 @@ def _field(reader, key: str):
 
 
 def read_config(reader) -> ModelConfig:
-    """The model's shape, read from GGUF metadata (`{arch}.*` keys)."""
+    """The model's shape, read from GGUF metadata (`{arch}.*` keys); the parameter
+    count is the number of elements of all tensors in the file."""
     arch = _field(reader, "general.architecture")
     n_heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
@@ -65,6 +66,7 @@ def read_config(reader) -> ModelConfig:
         rope_base=float(_field(reader, f"{arch}.rope.freq_base")),
         norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
         max_position=int(_field(reader, f"{arch}.context_length")),
+        n_params=sum(int(t.n_elements) for t in reader.tensors),
     )
 
 
