@@ -141,7 +141,8 @@ def measure_roofline(array_mb: int = 128, repeats: int = 5, fma_seconds: float =
     """Measure bandwidth (read, copy, triad on `array_mb` MiB float32 arrays) and peak FP32.
 
     Three arrays are allocated (3 * array_mb MiB). Pick `array_mb` several times the
-    last-level cache so that every byte comes from DRAM.
+    last-level cache so that every byte comes from DRAM. Each figure is the best of
+    `repeats` runs after a warm-up; the FMA kernel runs for at least `fma_seconds` per call.
     """
     if array_mb < 1 or repeats < 1:
         raise ConfigError(f"array_mb and repeats must be positive, got {array_mb}, {repeats}")
