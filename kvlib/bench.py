@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .cache import ContiguousCache
+from .cache.quantized import QuantizedCache, QuantScheme
 from .errors import ConfigError
 from .roofline import Roofline, Traffic, attention_traffic
 
@@ -42,9 +43,19 @@ def _contiguous(backend: str) -> Callable:
         1, n_kv_heads, head_dim, batch, max_seq, backend=backend)
 
 
+def _int8(backend: str) -> Callable:
+    def make(n_kv_heads, head_dim, batch, max_seq):
+        return QuantizedCache(1, n_kv_heads, head_dim, batch, max_seq,
+                              QuantScheme(bits=8, symmetric=True)).set_backend(backend)
+    return make
+
+
 ATTENTION_BACKENDS = {
     "numpy": AttentionBackend("numpy", _contiguous("numpy")),
     "numba": AttentionBackend("numba", _contiguous("numba")),
+    # int8 codes plus one float16 scale per (token, head), for keys and for values
+    "int8-numpy": AttentionBackend("int8-numpy", _int8("numpy"), 1.0, 2.0),
+    "int8-numba": AttentionBackend("int8-numba", _int8("numba"), 1.0, 2.0),
 }
 
 

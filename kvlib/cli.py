@@ -10,15 +10,37 @@ import time
 from .errors import ConfigError, KVLibError
 
 
+QUANTIZED = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def _scheme(args):
+    """The `QuantScheme` named by --cache intN and the quantization options."""
+    from .cache import QuantScheme
+
+    return QuantScheme(QUANTIZED[args.cache], args.key_axis, args.group_size, args.window,
+                       args.symmetric)
+
+
 def _make_cache(args, model, prompts):
     """The cache named by --cache, sized for this batch (None for recompute)."""
-    from .cache import ContiguousCache
+    from .batching import PaddedCache
+    from .cache import ContiguousCache, QuantizedCache
 
     if args.cache == "none":
+        if args.batching == "padded":
+            raise ConfigError("--batching padded stores the padding in a cache; "
+                              "it cannot run with --cache none")
         return None
     longest = max(len(p) for p in prompts) + args.max_new_tokens
-    return ContiguousCache.from_config(model.config, max_batch=len(prompts), max_seq=longest,
-                                       backend=args.backend)
+    if args.cache in QUANTIZED:
+        if args.batching == "padded":
+            raise ConfigError("--batching padded needs the float32 contiguous cache")
+        cache = QuantizedCache.from_config(model.config, max_batch=len(prompts),
+                                           max_seq=longest, scheme=_scheme(args))
+    else:
+        kind = PaddedCache if args.batching == "padded" else ContiguousCache
+        cache = kind.from_config(model.config, max_batch=len(prompts), max_seq=longest)
+    return cache.set_backend(args.backend)
 
 
 def cmd_generate(args) -> int:
@@ -31,7 +53,7 @@ def cmd_generate(args) -> int:
 
     start = time.perf_counter()
     results = model.generate(prompts, cache=cache, max_new_tokens=args.max_new_tokens,
-                             sampler=sampler)
+                             sampler=sampler, batching=args.batching)
     seconds = time.perf_counter() - start
     n_new = sum(len(r.token_ids) for r in results)
 
@@ -39,12 +61,13 @@ def cmd_generate(args) -> int:
         if args.json:
             print(json.dumps({"prompt": text, "prompt_ids": r.prompt_ids,
                               "token_ids": r.token_ids, "text": r.text,
-                              "finish_reason": r.finish_reason, "cache": args.cache}))
+                              "finish_reason": r.finish_reason, "cache": args.cache,
+                              "batching": args.batching}))
         else:
             print(r.text)
     if not args.quiet:
         print(f"{n_new} tokens in {seconds:.2f} s ({n_new / seconds:.1f} tokens/s, "
-              f"cache={args.cache})", file=sys.stderr)
+              f"cache={args.cache}, batching={args.batching})", file=sys.stderr)
     return 0
 
 
@@ -82,6 +105,58 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def cmd_perplexity(args) -> int:
+    """Teacher-forced perplexity of a text through a cache, and its agreement with float32."""
+    from .cache import QuantizedCache
+    from .cache.quantized import float32_token_bytes, sequence_bytes_per_token
+    from .evaluate import EVAL_TEXT_PATH, teacher_forced, top1_agreement
+    from .model import load_model
+
+    path = args.text or EVAL_TEXT_PATH
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as err:
+        raise ConfigError(f"cannot read --text {path}: {err.strerror}") from None
+    model = load_model(progress=not args.quiet)
+    ids = model.encode(text)
+    cfg = model.config
+    shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+    reference = teacher_forced(model, ids, None, args.first_chunk, args.chunk)
+    if args.cache in QUANTIZED:
+        scheme = _scheme(args)
+        cache = QuantizedCache.from_config(cfg, max_batch=1, max_seq=len(ids), scheme=scheme)
+        result = teacher_forced(model, ids, cache, args.first_chunk, args.chunk)
+        name, per_token = scheme.name, sequence_bytes_per_token(*shape, scheme, len(ids))
+    else:
+        result, name, per_token = reference, "float32", float32_token_bytes(*shape)
+    report = {"text": str(path), "tokens": len(ids), "cache": name,
+              "perplexity": result.perplexity, "float32_perplexity": reference.perplexity,
+              "top1_agreement": top1_agreement(result, reference),
+              "bytes_per_token": per_token,
+              "float32_bytes_per_token": float32_token_bytes(*shape)}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{name}: perplexity {report['perplexity']:.4f} (float32 "
+              f"{report['float32_perplexity']:.4f}), top-1 agreement "
+              f"{report['top1_agreement']:.2%}, {per_token:,.0f} bytes/token "
+              f"over {len(ids)} tokens")
+    return 0
+
+
+def _add_quantization_options(parser) -> None:
+    parser.add_argument("--group-size", type=int, default=32, metavar="G",
+                        help="channels per scale (per-token data) or tokens per scale "
+                             "(per-channel keys); default 32")
+    parser.add_argument("--window", type=int, default=0, metavar="R",
+                        help="most recent tokens kept in float32 (default 0)")
+    parser.add_argument("--key-axis", choices=["token", "channel"], default="channel",
+                        help="quantize keys per channel (KIVI, default) or per token; "
+                             "values are always per token")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="scale only, no zero point (default: asymmetric)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,8 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="+", metavar="PROMPT",
                      help="one or more prompts, decoded together as one batch")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--cache", choices=["none", "contiguous"], default="contiguous",
-                     help="none recomputes every token's keys and values at every step")
+    gen.add_argument("--cache", choices=["none", "contiguous", *QUANTIZED], default="contiguous",
+                     help="none recomputes every token's keys and values at every step; "
+                          "int8/int4/int2 quantize the cache (see --group-size, --window)")
+    gen.add_argument("--batching", choices=["ragged", "padded"], default="ragged",
+                     help="how prompts of different lengths share a batch: ragged packs "
+                          "them with no padding; padded left-pads them into a rectangle")
     gen.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
                      help="attention of decode steps: NumPy reference or the Numba kernel")
     gen.add_argument("--chat", action="store_true",
@@ -102,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("--quiet", action="store_true", help="no progress or timing on stderr")
+    _add_quantization_options(gen)
     gen.set_defaults(run=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -131,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--json", action="store_true", help="one JSON object")
     mem.add_argument("--list", action="store_true", help="list the model presets")
     mem.set_defaults(run=cmd_memory)
+
+    ppl = sub.add_parser("perplexity", help="teacher-forced perplexity of a text through a "
+                                            "cache, and top-1 agreement with float32")
+    ppl.add_argument("--text", default=None, metavar="FILE",
+                     help="a UTF-8 text file (default: the book's evaluation text)")
+    ppl.add_argument("--cache", choices=["contiguous", *QUANTIZED], default="int8",
+                     help="the cache to measure (contiguous = float32)")
+    _add_quantization_options(ppl)
+    ppl.add_argument("--first-chunk", type=int, default=128, help="tokens of the first step")
+    ppl.add_argument("--chunk", type=int, default=64, help="tokens per later step")
+    ppl.add_argument("--json", action="store_true", help="one JSON object")
+    ppl.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ppl.set_defaults(run=cmd_perplexity)
     return parser
 
 

@@ -35,3 +35,8 @@ class ModelFileError(KVLibError):
 
 class LengthError(KVLibError, ValueError):
     """A length or position outside what a sequence holds (e.g. cropping past its end)."""
+
+
+class QuantizationError(ConfigError):
+    """A quantization layout that cannot work (unsupported bit width, a group size that
+    does not divide its axis, values too large for the stored scale)."""

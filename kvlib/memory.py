@@ -26,7 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import ContiguousCache, KVCache
+from .batching import PaddedCache
+from .cache import ContiguousCache, KVCache, QuantizedCache
+from .cache.quantized import quantized_cache_nbytes
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -234,8 +236,17 @@ def contiguous_cache_nbytes(shape, max_batch: int, max_seq: int, dtype=np.float3
 
 
 # cache class -> formula giving its expected nbytes from its settings (not its arrays).
+def padded_cache_nbytes(shape, max_batch: int, max_seq: int, dtype=np.float32) -> int:
+    """Bytes a `PaddedCache` allocates: a contiguous cache plus one bool per
+    (row, column) saying whether the column holds a real token or padding."""
+    return contiguous_cache_nbytes(shape, max_batch, max_seq, dtype) + max_batch * max_seq
+
+
 NBYTES_FORMULAS: dict[type, Callable[[KVCache], int]] = {
     ContiguousCache: lambda c: contiguous_cache_nbytes(c, c.max_batch, c.max_seq, c.keys.dtype),
+    PaddedCache: lambda c: padded_cache_nbytes(c, c.max_batch, c.max_seq, c.keys.dtype),
+    QuantizedCache: lambda c: quantized_cache_nbytes(c.n_layers, c.n_kv_heads, c.head_dim,
+                                                     c.max_batch, c.max_seq, c.scheme),
 }
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from kvlib.attention import attention
 from kvlib.cache import ContiguousCache
+from kvlib.cache.quantized import QuantizedCache, QuantScheme
 from kvlib.errors import ConfigError, DTypeError, ShapeError
 from kvlib.kernels import cpu
 
@@ -117,7 +118,27 @@ def record_backend_differences(cache) -> list:
 
 CACHES = {
     "contiguous": lambda cfg, batch, seq: ContiguousCache.from_config(cfg, batch, seq),
+    "int8": lambda cfg, batch, seq: QuantizedCache.from_config(
+        cfg, batch, seq, QuantScheme(bits=8, symmetric=True)),
+    "uint8-kivi": lambda cfg, batch, seq: QuantizedCache.from_config(
+        cfg, batch, seq, QuantScheme(bits=8, key_axis="channel", group_size=16, window=8)),
 }
+
+
+def test_quantized_backend_needs_8_bit_codes():
+    cache = QuantizedCache(2, 3, 8, 2, 16, QuantScheme(bits=4))
+    with pytest.raises(ConfigError):
+        cache.set_backend("numba")
+    assert cache.backend == "numpy"
+
+
+def test_padded_cache_keeps_numpy_backend():
+    from kvlib.batching import PaddedCache
+
+    cache = PaddedCache(2, 3, 8, 2, 16)
+    with pytest.raises(ConfigError):
+        cache.set_backend("numba")
+    assert cache.backend == "numpy"
 
 
 @pytest.mark.parametrize("kind", sorted(CACHES))

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kvlib import cache as cache_module
-from kvlib.cache import ContiguousCache, KVCache
+from kvlib.batching import PaddedCache
+from kvlib.cache import ContiguousCache, KVCache, QuantizedCache, QuantScheme
 from kvlib.config import PRESET_SOURCES, PRESETS, preset
 from kvlib.errors import ConfigError
 from kvlib.memory import (GPU_MEMORY_BYTES, NBYTES_FORMULAS, STORAGE_NAMES, StorageType,
@@ -226,7 +227,7 @@ def test_nbytes_is_fixed_by_the_settings_not_by_use(model, prompt_ids):
 
 
 def test_every_cache_class_has_a_memory_formula():
-    classes = [getattr(cache_module, n) for n in cache_module.__all__]
+    classes = [getattr(cache_module, n) for n in cache_module.__all__] + [PaddedCache]
     caches = [c for c in classes if isinstance(c, type) and issubclass(c, KVCache)
               and c is not KVCache]
     missing = [c.__name__ for c in caches if c not in NBYTES_FORMULAS]
@@ -239,3 +240,14 @@ def test_expected_nbytes_of_an_unknown_cache_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="no memory formula for Mystery"):
         expected_nbytes(Mystery(1, 1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PaddedCache(3, 2, 8, max_batch=2, max_seq=11),
+    lambda: QuantizedCache(3, 2, 64, 2, 64, QuantScheme(4, "channel", 32, 16, False)),
+    lambda: QuantizedCache(3, 2, 64, 3, 40, QuantScheme(8, "token", 8, 0, True)),
+])
+def test_nbytes_of_padded_and_quantized_caches_equal_their_formulas(make):
+    cache = make()
+    arrays = [a for a in vars(cache).values() if isinstance(a, np.ndarray)]
+    assert cache.nbytes == expected_nbytes(cache) == sum(a.nbytes for a in arrays)

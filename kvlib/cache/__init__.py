@@ -2,5 +2,6 @@
 
 from .base import KVCache, StepPlan
 from .contiguous import ContiguousCache
+from .quantized import QuantizedCache, QuantScheme
 
-__all__ = ["KVCache", "StepPlan", "ContiguousCache"]
+__all__ = ["KVCache", "StepPlan", "ContiguousCache", "QuantizedCache", "QuantScheme"]

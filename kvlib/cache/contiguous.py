@@ -48,8 +48,9 @@ class ContiguousCache(KVCache):
     def from_config(cls, config, max_batch: int, max_seq: int, dtype=np.float32,
                     backend: str = "numpy"):
         """A cache shaped for `config` (a `ModelConfig`)."""
-        return cls(config.n_layers, config.n_kv_heads, config.head_dim, max_batch, max_seq,
-                   dtype, backend)
+        cache = cls(config.n_layers, config.n_kv_heads, config.head_dim, max_batch, max_seq,
+                    dtype)
+        return cache.set_backend(backend)
 
     def _check_numba_supported(self) -> None:
         if self.keys.dtype != np.float32:
@@ -130,9 +131,13 @@ class ContiguousCache(KVCache):
             k = self.keys[layer, row, :, :end].astype(np.float32, copy=False)
             v = self.values[layer, row, :, :end].astype(np.float32, copy=False)
             rows = slice(offsets[i], offsets[i + 1])
-            mask = causal_mask(n_new, n_past) if n_new > 1 else None
-            out[rows] = attention(q[rows], k, v, mask)
+            out[rows] = attention(q[rows], k, v, self._mask(plan, i))
         return out
+
+    def _mask(self, plan: StepPlan, i: int) -> np.ndarray | None:
+        """[n_new, n_past + n_new] mask of the plan's i-th sequence (None: sees all)."""
+        n_past, n_new = int(plan.starts[i]), int(plan.counts[i])
+        return causal_mask(n_new, n_past) if n_new > 1 else None
 
     def commit(self, plan: StepPlan) -> None:
         for s, c in zip(plan.seq_ids, plan.counts):

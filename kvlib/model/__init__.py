@@ -31,10 +31,11 @@ class Model:
         return tok.encode_chat(text) if chat else tok.encode(text)
 
     def generate(self, prompts, cache=None, max_new_tokens: int = 32,
-                 sampler: Sampler | None = None, on_token=None) -> list[Generation]:
+                 sampler: Sampler | None = None, on_token=None,
+                 batching: str = "ragged") -> list[Generation]:
         """`generate` on token-id prompts, stopping at the model's stop tokens; fills `text`."""
         results = generate(self.llama, prompts, cache, max_new_tokens, sampler,
-                           self.tokenizer.stop_ids, on_token)
+                           self.tokenizer.stop_ids, on_token, batching)
         for r in results:
             r.text = self.tokenizer.decode(r.token_ids, skip_special=True)
         return results

@@ -30,7 +30,8 @@ class Generation:
 
 def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 32,
              sampler: Sampler | None = None, stop_ids=frozenset(),
-             on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+             on_token: Callable[[int, int], None] | None = None,
+             batching: str = "ragged") -> list[Generation]:
     """Generate up to `max_new_tokens` tokens for each prompt.
 
     Args:
@@ -41,6 +42,9 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         sampler: how to pick tokens (default greedy).
         stop_ids: token ids that end a sequence (the id itself is kept in the output).
         on_token: called as on_token(prompt_index, token_id) for every new token.
+        batching: how prompts of different lengths share a step (see `kvlib.batching`):
+            "ragged" packs them with no padding (any cache); "padded" left-pads them
+            into a rectangle and needs a `PaddedCache`.
     Returns:
         One `Generation` per prompt, in order. A finished sequence leaves the batch;
         the others keep decoding until they stop or reach the limit.
@@ -49,6 +53,13 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
+    if batching not in ("ragged", "padded"):
+        raise ConfigError(f"batching must be 'ragged' or 'padded', got {batching!r}")
+    if batching == "padded":
+        from ..batching import PaddedCache, padded_forward
+        if not isinstance(cache, PaddedCache):
+            raise ConfigError("padded batching stores its padding in a kvlib.batching."
+                              f"PaddedCache; got {type(cache).__name__}")
     sampler = sampler or Sampler()
     results = [Generation(prompt_ids=[int(t) for t in p]) for p in prompts]
     if max_new_tokens == 0:
@@ -64,6 +75,8 @@ def generate(model, prompts: list[list[int]], cache=None, max_new_tokens: int = 
         seq_of = {i: cache.new_sequence() for i in active}
 
         def step(indices, new_tokens):
+            if batching == "padded":
+                return padded_forward(model, new_tokens, cache, [seq_of[i] for i in indices])
             return model.forward(new_tokens, cache, [seq_of[i] for i in indices])
 
     new_tokens = [np.asarray(p) for p in prompts]  # the first step is the prefill

@@ -8,6 +8,10 @@ sequence — packs all tokens along one axis, and either
   attends causally over itself, or
 * uses a KV cache: each entry holds only the *new* tokens of an existing sequence,
   which are written to the cache and attend over everything the cache holds for it.
+
+Both run the same per-layer code, `Llama.layers`, which takes the packed tokens, their
+RoPE positions and an `attend` function; `Llama.forward_plan` runs a step a cache has
+already planned (the left-padded batch of `kvlib.batching` uses it).
 """
 
 from __future__ import annotations
@@ -80,27 +84,59 @@ class Llama:
         Returns:
             float32 logits, [n_sequences, vocab] (or [n_tokens, vocab] with all_logits).
         """
-        cfg = self.config
         tokens = [np.asarray(t, dtype=np.int64).reshape(-1) for t in tokens]
         counts = np.array([len(t) for t in tokens], dtype=np.int64)
         if len(tokens) == 0 or (counts == 0).any():
             raise ShapeError("forward needs at least one sequence and one token per sequence")
-        flat = np.concatenate(tokens)
-        if flat.min() < 0 or flat.max() >= cfg.vocab_size:
-            raise KVLibError(f"token ids must lie in [0, {cfg.vocab_size})")
-
+        flat = self.check_token_ids(np.concatenate(tokens))
         if cache is None:
-            plan = None
+            offsets = np.concatenate([[0], np.cumsum(counts)])
             positions = np.concatenate([np.arange(c) for c in counts])
-        else:
-            if seq_ids is None or len(seq_ids) != len(tokens):
-                raise ShapeError("with a cache, give one sequence id per token array")
-            plan = cache.plan(seq_ids, counts)  # validates; raises before any change
-            positions = plan.positions
-        offsets = np.concatenate([[0], np.cumsum(counts)])
+            x = self.layers(flat, positions,
+                            lambda layer, q, k, v: self._attend_uncached(q, k, v, offsets))
+            return self.logits(x, offsets, all_logits)
+        if seq_ids is None or len(seq_ids) != len(tokens):
+            raise ShapeError("with a cache, give one sequence id per token array")
+        plan = cache.plan(seq_ids, counts)  # validates; raises before any change
+        return self.forward_plan(flat, cache, plan, all_logits)
 
-        n = len(flat)
-        x = self.weights.embed[flat].astype(np.float32)  # [n_tokens, hidden]
+    def forward_plan(self, flat_tokens: np.ndarray, cache, plan, all_logits: bool = False):
+        """One cached step for a plan already made by `cache.plan` (validated tokens).
+
+        `flat_tokens` [plan.n_tokens] are packed as the plan says; RoPE uses
+        `plan.positions`, so a cache whose plans carry their own positions (the
+        left-padded batch of `kvlib.batching`) runs through this same code.
+        """
+        def attend(layer, q, k, v):
+            cache.write(layer, plan, k, v)
+            return cache.attend(layer, plan, q)
+
+        x = self.layers(flat_tokens, plan.positions, attend)
+        cache.commit(plan)
+        return self.logits(x, plan.offsets, all_logits)
+
+    def check_token_ids(self, ids: np.ndarray) -> np.ndarray:
+        """`ids` as int64 if every id is in the vocabulary, else a `KVLibError`."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise KVLibError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return ids
+
+    def layers(self, flat_tokens: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
+        """Embed and run every transformer block over packed tokens.
+
+        Args:
+            flat_tokens: [n_tokens] token ids.
+            positions: [n_tokens] RoPE position of each token.
+            attend: attend(layer, q, k, v) -> [n_tokens, n_heads, head_dim], given
+                RoPE'd q [n_tokens, n_heads, head_dim] and k, v [n_tokens, n_kv_heads,
+                head_dim]; it decides what each token sees (cache, mask, sequence).
+        Returns:
+            [n_tokens, hidden] residual stream after the last block.
+        """
+        cfg = self.config
+        n = len(flat_tokens)
+        x = self.weights.embed[flat_tokens].astype(np.float32)  # [n_tokens, hidden]
         for layer_index, w in enumerate(self.weights.layers):
             h = rms_norm(x, w.attn_norm, cfg.norm_eps)
             q = (h @ w.wq.T).reshape(n, cfg.n_heads, cfg.head_dim)
@@ -108,20 +144,18 @@ class Llama:
             v = (h @ w.wv.T).reshape(n, cfg.n_kv_heads, cfg.head_dim)
             q = self.rope(q, positions)
             k = self.rope(k, positions)
-            if plan is None:
-                attn = self._attend_uncached(q, k, v, offsets)
-            else:
-                cache.write(layer_index, plan, k, v)
-                attn = cache.attend(layer_index, plan, q)
+            attn = attend(layer_index, q, k, v)
             x = x + attn.reshape(n, cfg.n_heads * cfg.head_dim) @ w.wo.T
             h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
             x = x + (silu(h @ w.w_gate.T) * (h @ w.w_up.T)) @ w.w_down.T
-        if plan is not None:
-            cache.commit(plan)
+        return x
 
+    def logits(self, x: np.ndarray, offsets: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Final norm + LM head: [n_sequences, vocab] at each sequence's last token
+        (sequence i owns rows offsets[i]:offsets[i+1]), or [n_tokens, vocab] for all."""
         if not all_logits:
             x = x[offsets[1:] - 1]  # the last token of each sequence
-        return rms_norm(x, self.weights.final_norm, cfg.norm_eps) @ self.weights.embed.T
+        return rms_norm(x, self.weights.final_norm, self.config.norm_eps) @ self.weights.embed.T
 
     @staticmethod
     def _attend_uncached(q, k, v, offsets) -> np.ndarray:

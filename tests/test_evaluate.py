@@ -1,0 +1,83 @@
+"""Measuring caches on the real model: teacher forcing, agreement, captured K/V."""
+
+import numpy as np
+import pytest
+
+from kvlib.cache import ContiguousCache, QuantizedCache, QuantScheme
+from kvlib.errors import ConfigError
+from kvlib.evaluate import (EVAL_TEXT_PATH, TeacherForced, capture_kv, eval_text, greedy_agreement_length,
+                            log_softmax, teacher_forced, top1_agreement)
+
+TEXT = ("Engineers respond with the same tools that have served computing for decades: they "
+        "arrange the record so that it can be read in long, orderly runs, and they store "
+        "each number with fewer bits.")
+
+
+@pytest.fixture(scope="module")
+def ids(model):
+    return np.array(model.encode(TEXT))
+
+
+@pytest.fixture(scope="module")
+def reference(model, ids):
+    return teacher_forced(model, ids, first_chunk=8, chunk=8)
+
+
+def test_the_shipped_text_is_long_enough(model):
+    assert EVAL_TEXT_PATH.is_file()
+    assert len(model.encode(eval_text())) >= 800
+
+
+def test_chunked_teacher_forcing_equals_one_uncached_pass(model, ids, reference):
+    logp = log_softmax(model.forward([ids], all_logits=True))
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+    assert reference.nll.shape == (len(ids) - 1,)
+    assert np.allclose(reference.nll, nll, atol=1e-3)
+    assert np.array_equal(reference.predictions, logp[:-1].argmax(-1))
+    assert reference.perplexity == pytest.approx(np.exp(nll.mean()), rel=1e-4)
+
+
+def test_int8_is_close_and_full_window_is_exact(model, ids, reference):
+    n = len(ids)
+    int8 = teacher_forced(model, ids, QuantizedCache.from_config(
+        model.config, 1, n, QuantScheme(8, "token", None, 0, symmetric=True)), 8, 8)
+    assert abs(int8.perplexity / reference.perplexity - 1) < 0.01
+    assert top1_agreement(int8, reference) > 0.9
+    wide = teacher_forced(model, ids, QuantizedCache.from_config(
+        model.config, 1, n, QuantScheme(2, "channel", 32, window=n)), 8, 8)
+    assert np.array_equal(wide.nll, reference.nll)
+
+
+def test_int2_per_token_keys_hurt_more_than_per_channel(model, ids, reference):
+    n = len(ids)
+    per = {axis: teacher_forced(model, ids, QuantizedCache.from_config(
+        model.config, 1, n, QuantScheme(2, axis, 32, 0)), 8, 8).perplexity
+        for axis in ("token", "channel")}
+    assert reference.perplexity < per["channel"] < per["token"]
+
+
+def test_greedy_agreement_length(model, ids):
+    prompt = ids[:20]
+    cache = ContiguousCache.from_config(model.config, 1, 40)
+    tokens = model.generate([prompt], cache=cache, max_new_tokens=8)[0].token_ids
+    assert greedy_agreement_length(model, prompt, tokens, cache) == len(tokens)
+    wrong = [tokens[0], (tokens[1] + 1) % model.config.vocab_size] + tokens[2:]
+    assert greedy_agreement_length(model, prompt, wrong, cache) == 1
+
+
+def test_capture_kv_undoes_rope_exactly(model, ids):
+    cap = capture_kv(model, ids[:16])
+    layers, heads, n, d = cap.keys.shape
+    assert (layers, heads, n, d) == (30, 3, 16, 64) and cap.queries.shape == (30, 16, 9, 64)
+    rope = model.llama.rope
+    again = rope(cap.keys_before_rope[3].transpose(1, 0, 2), np.arange(n)).transpose(1, 0, 2)
+    assert np.allclose(again, cap.keys[3], atol=1e-5)
+    assert np.allclose(cap.keys_before_rope[:, :, 0], cap.keys[:, :, 0])   # position 0: no rotation
+
+
+def test_bad_evaluation_input():
+    with pytest.raises(ConfigError):
+        teacher_forced(None, [1])
+    a, b = (TeacherForced(np.zeros(n), np.zeros(n, int)) for n in (3, 4))
+    with pytest.raises(ConfigError):
+        top1_agreement(a, b)
