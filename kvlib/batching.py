@@ -27,7 +27,7 @@ import numpy as np
 
 from .cache.base import StepPlan
 from .cache.contiguous import ContiguousCache
-from .errors import LengthError, ShapeError
+from .errors import ConfigError, LengthError, ShapeError
 from .masks import padded_attention_mask, padding_mask
 from .model.sampling import Sampler
 
@@ -137,6 +137,10 @@ class PaddedCache(ContiguousCache):
 
     def _mask(self, plan: PaddedPlan, i: int) -> np.ndarray:
         return plan.mask[i]
+
+    def _check_numba_supported(self) -> None:
+        raise ConfigError("the Numba decode kernel has no padding mask; a padded batch "
+                          "attends with the NumPy backend")
 
     def commit(self, plan: PaddedPlan) -> None:
         for i, row in enumerate(plan.seq_ids):

@@ -34,16 +34,18 @@ def _make_cache(args, model, prompts):
         return None
     longest = max(len(p) for p in prompts) + args.max_new_tokens
     if args.cache in QUANTIZED:
-        return QuantizedCache.from_config(model.config, max_batch=len(prompts),
-                                          max_seq=longest, scheme=_scheme(args))
-    if args.cache == "paged":
+        cache = QuantizedCache.from_config(model.config, max_batch=len(prompts),
+                                           max_seq=longest, scheme=_scheme(args))
+    elif args.cache == "paged":
         # enough blocks for every sample to grow to the longest length, even unshared
         num_blocks = args.num_blocks or len(prompts) * args.n * blocks_for(longest, args.block_size)
-        return PagedCache.from_config(model.config, num_blocks=num_blocks,
-                                      block_size=args.block_size,
-                                      max_seqs=len(prompts) * args.n, max_seq_len=longest)
-    kind = PaddedCache if args.batching == "padded" else ContiguousCache
-    return kind.from_config(model.config, max_batch=len(prompts), max_seq=longest)
+        cache = PagedCache.from_config(model.config, num_blocks=num_blocks,
+                                       block_size=args.block_size,
+                                       max_seqs=len(prompts) * args.n, max_seq_len=longest)
+    else:
+        kind = PaddedCache if args.batching == "padded" else ContiguousCache
+        cache = kind.from_config(model.config, max_batch=len(prompts), max_seq=longest)
+    return cache.set_backend(args.backend)
 
 
 def cmd_generate(args) -> int:
@@ -189,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
                      help="feed each prompt through the cache C tokens at a time "
                           "(chunked prefill; needs a cache)")
+    gen.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
+                     help="attention of decode steps: NumPy reference or the Numba kernel")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -199,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress or timing on stderr")
     _add_quantization_options(gen)
     gen.set_defaults(run=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    att = bench_sub.add_parser(
+        "attention", help="decode attention per backend and shape, against the measured "
+                          "bandwidth roof of this machine")
+    att.add_argument("--backend", nargs="+", default=["numpy", "numba"], dest="backends",
+                     help="attention backends to time (see kvlib.bench.ATTENTION_BACKENDS)")
+    att.add_argument("--batch", nargs="+", type=int, default=[1, 8], dest="batches")
+    att.add_argument("--context", nargs="+", type=int, default=[1024, 8192], dest="contexts")
+    att.add_argument("--repeats", type=int, default=5)
+    att.add_argument("--array-mb", type=int, default=128,
+                     help="size of each array of the bandwidth measurement (MiB)")
+    att.add_argument("--json", action="store_true", help="one JSON object per row")
+    att.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    att.set_defaults(run=cmd_bench_attention)
 
     mem = sub.add_parser("memory", help="KV cache bytes of a real model (see --list)")
     mem.add_argument("--model", help="a preset name, e.g. llama-3-8b")
@@ -225,6 +245,37 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--quiet", action="store_true", help="no progress on stderr")
     ppl.set_defaults(run=cmd_perplexity)
     return parser
+
+
+def cmd_bench_attention(args) -> int:
+    from .bench import ATTENTION_BACKENDS, bench_attention
+    from .errors import ConfigError
+    from .model.files import default_model_path, read_config
+    from .roofline import measure_roofline
+
+    unknown = [b for b in args.backends if b not in ATTENTION_BACKENDS]
+    if unknown:
+        raise ConfigError(f"unknown attention backend(s) {unknown}; "
+                          f"choose from {sorted(ATTENTION_BACKENDS)}")
+    from gguf import GGUFReader
+
+    cfg = read_config(GGUFReader(default_model_path()))
+    roof = measure_roofline(array_mb=args.array_mb)
+    rows = bench_attention(args.backends, args.batches, args.contexts, roof, cfg.n_heads,
+                           cfg.n_kv_heads, cfg.head_dim, args.repeats,
+                           progress=not args.quiet)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    print(f"bandwidth roof {roof.memory_roof / 1e9:.1f} GB/s "
+          f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in roof.bandwidth.items())}); "
+          f"peak FP32 {roof.peak_flops / 1e9:.0f} GFLOP/s; {roof.machine}")
+    print(f"{'backend':<12}{'batch':>6}{'context':>9}{'ms':>10}{'GB/s':>8}{'of roof':>9}")
+    for r in rows:
+        print(f"{r['backend']:<12}{r['batch']:>6}{r['context']:>9}{r['seconds'] * 1e3:>10.3f}"
+              f"{r['gb_per_s']:>8.1f}{r['fraction_of_roof']:>9.0%}")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DTypeError, KVLibError, LengthError, ShapeError, UnknownSequenceError
+from ..errors import (ConfigError, DTypeError, KVLibError, LengthError, ShapeError,
+                      UnknownSequenceError)
+
+BACKENDS = ("numpy", "numba")  # how a cache computes attention; see `KVCache.set_backend`
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,43 @@ class StepPlan:
         """[n_tokens] absolute position of every new token (each sequence its own)."""
         return np.concatenate([s + np.arange(c) for s, c in zip(self.starts, self.counts)])
 
+    @property
+    def is_decode(self) -> bool:
+        """True when every sequence adds exactly one token (a decode step)."""
+        return bool((self.counts == 1).all())
+
 
 class KVCache(ABC):
-    """Storage of keys and values for several sequences, one layer at a time."""
+    """Storage of keys and values for several sequences, one layer at a time.
+
+    `backend` says how `attend` computes: "numpy" (the reference, every step) or
+    "numba" (a compiled kernel from `kvlib.kernels.cpu` for decode steps, where every
+    sequence adds one token; multi-token steps such as prefill stay on NumPy).
+    """
+
+    backend: str = "numpy"
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int) -> None:
         self.n_layers = n_layers
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
+
+    def set_backend(self, backend: str) -> "KVCache":
+        """Choose the attention backend (one of `BACKENDS`); returns the cache."""
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        if backend == "numba":
+            self._check_numba_supported()
+        self.backend = backend
+        return self
+
+    def _check_numba_supported(self) -> None:
+        """Raise `ConfigError` if this cache has no Numba kernel (override when it has)."""
+        raise ConfigError(f"{type(self).__name__} has no Numba attention kernel")
+
+    def _use_kernel(self, plan: "StepPlan") -> bool:
+        """Whether `attend` should call the compiled decode kernel for this step."""
+        return self.backend == "numba" and plan.is_decode
 
     # --- sequences -----------------------------------------------------------------
     @abstractmethod

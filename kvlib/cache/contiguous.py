@@ -24,10 +24,11 @@ class ContiguousCache(KVCache):
         max_batch: rows of the batch axis = most sequences alive at once.
         max_seq: tokens reserved for every sequence.
         dtype: storage type of keys/values (float32 or float16); attention runs in float32.
+        backend: "numpy" or "numba" (float32 storage only), see `KVCache.set_backend`.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int,
-                 max_batch: int, max_seq: int, dtype=np.float32) -> None:
+                 max_batch: int, max_seq: int, dtype=np.float32, backend: str = "numpy") -> None:
         if max_batch < 1 or max_seq < 1:
             raise ConfigError(f"max_batch and max_seq must be positive, got {max_batch}, {max_seq}")
         dtype = np.dtype(dtype)
@@ -41,11 +42,20 @@ class ContiguousCache(KVCache):
         self.values = np.zeros(shape, dtype=dtype)
         self.lengths = np.zeros(max_batch, dtype=np.int64)  # tokens stored per row
         self.in_use = np.zeros(max_batch, dtype=bool)       # rows holding a live sequence
+        self.set_backend(backend)
 
     @classmethod
-    def from_config(cls, config, max_batch: int, max_seq: int, dtype=np.float32):
+    def from_config(cls, config, max_batch: int, max_seq: int, dtype=np.float32,
+                    backend: str = "numpy"):
         """A cache shaped for `config` (a `ModelConfig`)."""
-        return cls(config.n_layers, config.n_kv_heads, config.head_dim, max_batch, max_seq, dtype)
+        cache = cls(config.n_layers, config.n_kv_heads, config.head_dim, max_batch, max_seq,
+                    dtype)
+        return cache.set_backend(backend)
+
+    def _check_numba_supported(self) -> None:
+        if self.keys.dtype != np.float32:
+            raise ConfigError(f"the Numba kernel reads float32 keys/values; this cache "
+                              f"stores {self.keys.dtype}")
 
     # --- sequences -----------------------------------------------------------------
     def new_sequence(self) -> int:
@@ -108,6 +118,11 @@ class ContiguousCache(KVCache):
 
     def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
         self._check_q(layer, plan, q)
+        if self._use_kernel(plan):
+            from ..kernels.cpu import decode_contiguous
+
+            return decode_contiguous(q, self.keys[layer], self.values[layer],
+                                     np.asarray(plan.seq_ids), plan.starts + 1)
         out = np.empty_like(q)
         offsets = plan.offsets
         for i, row in enumerate(plan.seq_ids):

@@ -321,8 +321,14 @@ class PagedCache(KVCache):
         self.values[layer, blocks, :, offsets] = v
 
     def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
-        """Per sequence: gather the blocks its table names (only those), then attend."""
+        """Per sequence: gather the blocks its table names (only those), then attend.
+        With the Numba backend, a decode step walks the block tables inside the kernel."""
         self._check_q(layer, plan, q)
+        if self._use_kernel(plan):
+            from ..kernels.cpu import decode_paged
+
+            return decode_paged(q, self.keys[layer], self.values[layer],
+                                self.block_table_array(plan.seq_ids), plan.starts + 1)
         out = np.empty_like(q)
         offsets = plan.offsets
         for i, s in enumerate(plan.seq_ids):
@@ -334,6 +340,11 @@ class PagedCache(KVCache):
             mask = causal_mask(n_new, n_past) if n_new > 1 else None
             out[rows] = attention(q[rows], k, v, mask)
         return out
+
+    def _check_numba_supported(self) -> None:
+        if self.keys.dtype != np.float32:
+            raise ConfigError(f"the Numba kernel reads float32 keys/values; this cache "
+                              f"stores {self.keys.dtype}")
 
     def _gather(self, store: np.ndarray, table: np.ndarray, n_tokens: int) -> np.ndarray:
         """[kv_heads, n_tokens, head_dim] from the blocks `table` of one layer's store."""

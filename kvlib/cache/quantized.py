@@ -349,6 +349,8 @@ class QuantizedCache(KVCache):
     def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
         """Attention over the dequantized prefix and the float32 tail (causal, bottom-right)."""
         self._check_q(layer, plan, q)
+        if self._use_kernel(plan):  # 8-bit codes dequantized inside the kernel
+            return self._attend_numba(layer, plan, q)
         out = np.empty_like(q)
         offsets = plan.offsets
         for i, row in enumerate(plan.seq_ids):
@@ -359,6 +361,24 @@ class QuantizedCache(KVCache):
             mask = causal_mask(n_new, n_past) if n_new > 1 else None
             out[rows] = attention(q[rows], k, v, mask)
         return out
+
+    def _check_numba_supported(self) -> None:
+        if self.scheme.bits != 8:
+            raise ConfigError(f"the Numba kernel reads 8-bit codes; this cache stores "
+                              f"{self.scheme.bits}-bit codes")
+
+    def _attend_numba(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
+        from ..kernels.cpu import decode_int8
+
+        ends = plan.starts + 1
+        n_quantized = [self._quantized_after(row, int(end)) for row, end in zip(plan.seq_ids, ends)]
+        zero = lambda a: None if a is None else a[layer]  # noqa: E731
+        per_channel = self.scheme.key_axis == "channel"
+        return decode_int8(q, self.key_codes[layer], self.key_scale[layer], zero(self.key_zero),
+                           self.value_codes[layer], self.value_scale[layer],
+                           zero(self.value_zero), self.tail_keys[layer], self.tail_values[layer],
+                           np.asarray(plan.seq_ids), ends, n_quantized,
+                           self.scheme.group_size if per_channel else 0)
 
     def commit(self, plan: StepPlan) -> None:
         for s, c in zip(plan.seq_ids, plan.counts):

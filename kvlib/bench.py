@@ -1,0 +1,227 @@
+"""Benchmarks of decode attention and of whole decode steps, used by `kvlib bench` and
+chapter 8.
+
+Attention is timed through the cache protocol, exactly as the model calls it: a cache is
+filled with `context` tokens per sequence, one decode step is planned and written, and
+`cache.attend` is timed (median of repeats, after a warm-up call that also compiles).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .cache import ContiguousCache, PagedCache
+from .cache.quantized import QuantizedCache, QuantScheme
+from .errors import ConfigError
+from .roofline import Roofline, Traffic, attention_traffic
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One way of running decode attention: a cache type plus its attend backend.
+
+    Attributes:
+        name: how benchmarks and plots label it.
+        make_cache: (n_kv_heads, head_dim, batch, max_seq) -> an empty one-layer cache.
+        bytes_per_value: storage bytes of one key or value element.
+        meta_bytes_per_vector: metadata read with each stored key or value vector of one
+            head and token (e.g. a quantization scale).
+    """
+
+    name: str
+    make_cache: Callable
+    bytes_per_value: float = 4.0
+    meta_bytes_per_vector: float = 0.0
+
+
+def _contiguous(backend: str) -> Callable:
+    return lambda n_kv_heads, head_dim, batch, max_seq: ContiguousCache(
+        1, n_kv_heads, head_dim, batch, max_seq, backend=backend)
+
+
+def _paged(backend: str, block_size: int = 16) -> Callable:
+    def make(n_kv_heads, head_dim, batch, max_seq):
+        blocks = batch * -(-max_seq // block_size)
+        return PagedCache(1, n_kv_heads, head_dim, blocks, block_size, max_seqs=batch,
+                          max_seq_len=max_seq).set_backend(backend)
+    return make
+
+
+def _int8(backend: str) -> Callable:
+    def make(n_kv_heads, head_dim, batch, max_seq):
+        return QuantizedCache(1, n_kv_heads, head_dim, batch, max_seq,
+                              QuantScheme(bits=8, symmetric=True)).set_backend(backend)
+    return make
+
+
+ATTENTION_BACKENDS = {
+    "numpy": AttentionBackend("numpy", _contiguous("numpy")),
+    "numba": AttentionBackend("numba", _contiguous("numba")),
+    "paged-numpy": AttentionBackend("paged-numpy", _paged("numpy")),
+    "paged-numba": AttentionBackend("paged-numba", _paged("numba")),
+    # int8 codes plus one float16 scale per (token, head), for keys and for values
+    "int8-numpy": AttentionBackend("int8-numpy", _int8("numpy"), 1.0, 2.0),
+    "int8-numba": AttentionBackend("int8-numba", _int8("numba"), 1.0, 2.0),
+}
+
+
+def filled_cache(backend: AttentionBackend, batch: int, context: int, n_kv_heads: int,
+                 head_dim: int, seed: int = 0, chunk: int = 1024):
+    """A one-layer cache holding `context` tokens for each of `batch` sequences.
+
+    Keys/values are random; one random chunk is reused along the context (timing does
+    not depend on the values). Returns (cache, sequence ids).
+    """
+    rng = np.random.default_rng(seed)
+    cache = backend.make_cache(n_kv_heads, head_dim, batch, context + 1)
+    seqs = [cache.new_sequence() for _ in range(batch)]
+    block = rng.standard_normal((chunk, n_kv_heads, head_dim), dtype=np.float32)
+    for start in range(0, context, chunk):
+        n = min(chunk, context - start)
+        plan = cache.plan(seqs, [n] * batch)
+        k = np.tile(block[:n], (batch, 1, 1))
+        cache.write(0, plan, k, k[::-1].copy())
+        cache.commit(plan)
+    return cache, seqs
+
+
+def time_call(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls of fn, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_attention(backends, batches, contexts, roof: Roofline, n_heads: int = 9,
+                    n_kv_heads: int = 3, head_dim: int = 64, repeats: int = 5,
+                    progress: bool = False) -> list[dict]:
+    """Time decode attention for every (backend, batch, context).
+
+    Returns one dict per row: backend, batch, context, seconds (median), gb_per_s
+    (bytes that must be read / seconds, 1e9 bytes per GB), fraction_of_roof (of the
+    measured bandwidth roof), gflop_per_s and intensity (FLOP/byte).
+    """
+    unknown = [b for b in backends if b not in ATTENTION_BACKENDS]
+    if unknown:
+        raise ConfigError(f"unknown attention backend(s) {unknown}; "
+                          f"choose from {sorted(ATTENTION_BACKENDS)}")
+    if min(batches) < 1 or min(contexts) < 1 or repeats < 1:
+        raise ConfigError("batch sizes, contexts and repeats must be positive")
+    shapes = [(b, c) for c in contexts for b in batches]
+    rows = []
+    if progress:
+        from tqdm.auto import tqdm
+        shapes = tqdm(shapes, desc="bench attention")
+    rng = np.random.default_rng(1)
+    for batch, context in shapes:
+        for name in backends:
+            backend = ATTENTION_BACKENDS[name]
+            cache, seqs = filled_cache(backend, batch, context - 1, n_kv_heads, head_dim)
+            plan = cache.plan(seqs, [1] * batch)
+            k = rng.standard_normal((batch, n_kv_heads, head_dim), dtype=np.float32)
+            cache.write(0, plan, k, k)
+            q = rng.standard_normal((batch, n_heads, head_dim), dtype=np.float32)
+            seconds = time_call(lambda: cache.attend(0, plan, q), repeats)
+            work = attention_traffic(batch, context, n_heads, n_kv_heads, head_dim,
+                                     backend.bytes_per_value,
+                                     2 * n_kv_heads * backend.meta_bytes_per_vector)
+            rows.append(row(name, batch, context, seconds, work, roof))
+            del cache
+    return rows
+
+
+def row(backend: str, batch: int, context: int, seconds: float, work: Traffic,
+        roof: Roofline) -> dict:
+    """One benchmark row: effective bandwidth and its share of the measured roof."""
+    bandwidth = work.bytes / seconds
+    return {"backend": backend, "batch": batch, "context": context, "seconds": seconds,
+            "gb_per_s": bandwidth / 1e9, "fraction_of_roof": bandwidth / roof.memory_roof,
+            "gflop_per_s": work.flops / seconds / 1e9, "intensity": work.intensity}
+
+
+@dataclass(frozen=True)
+class DecodeProfile:
+    """Median time of one real-model decode step and of its attention calls.
+
+    Attributes:
+        backend: the cache's attention backend.
+        context: tokens in the cache when the step starts.
+        step_seconds: whole forward step (all layers, LM head).
+        attention_seconds: part of it spent in `cache.attend` (all layers).
+    """
+
+    backend: str
+    context: int
+    step_seconds: float
+    attention_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.step_seconds
+
+    @property
+    def attention_share(self) -> float:
+        return self.attention_seconds / self.step_seconds
+
+
+def profile_decode(model, cache, seq_id: int, context: int, steps: int = 4,
+                   token: int = 198) -> DecodeProfile:
+    """Time `steps` decode steps of one sequence cropped to `context` cached tokens.
+
+    The sequence must already hold at least `context` tokens; it is cropped back to
+    `context` first, so one filled cache serves every context. One untimed step warms up.
+    """
+    if steps < 1 or not 1 <= context <= cache.length(seq_id):
+        raise ConfigError(f"need steps >= 1 and 1 <= context <= {cache.length(seq_id)}")
+    attend = cache.attend
+    attention_times: list[float] = []
+
+    def timed_attend(layer, plan, q):
+        start = time.perf_counter()
+        out = attend(layer, plan, q)
+        attention_times.append(time.perf_counter() - start)
+        return out
+
+    cache.attend = timed_attend  # instance attribute: shadows the method for this run
+    try:
+        cache.crop(seq_id, context)
+        model.forward([[token]], cache, [seq_id])  # warm-up
+        step_times, per_step_attention = [], []
+        for _ in range(steps):
+            attention_times.clear()
+            start = time.perf_counter()
+            model.forward([[token]], cache, [seq_id])
+            step_times.append(time.perf_counter() - start)
+            per_step_attention.append(sum(attention_times))
+    finally:
+        del cache.attend
+    return DecodeProfile(cache.backend, context, float(np.median(step_times)),
+                         float(np.median(per_step_attention)))
+
+
+def extend_by_repetition(cache, seq_id: int, length: int) -> None:
+    """Grow a sequence of a `ContiguousCache` to `length` tokens by repeating its keys/values.
+
+    For timing long contexts without a long prefill: the cost of a decode step depends on
+    how many tokens are cached, not on what they are.
+    """
+    have = cache.length(seq_id)
+    if have < 1 or length < have:
+        raise ConfigError(f"sequence holds {have} tokens; cannot extend it to {length}")
+    if length == have:
+        return
+    plan = cache.plan([seq_id], [length - have])
+    reps = -(-length // have)
+    for layer in range(cache.n_layers):
+        k, v = (np.tile(x[layer, seq_id, :, :have], (1, reps, 1))[:, have:length]
+                .transpose(1, 0, 2).copy() for x in (cache.keys, cache.values))
+        cache.write(layer, plan, k, v)
+    cache.commit(plan)

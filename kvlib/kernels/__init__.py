@@ -1,0 +1,1 @@
+"""Compiled attention kernels: `cpu` (Numba, multi-threaded CPU)."""

@@ -1,0 +1,219 @@
+"""The roofline of the machine you run on, measured, and kernels placed on it.
+
+The roofline model (Williams, Waterman and Patterson, 2009) bounds the speed of a kernel
+that does `flops` floating-point operations while moving `bytes` to or from DRAM:
+
+    attainable FLOP/s = min(peak FLOP/s, bandwidth * intensity),  intensity = flops / bytes
+
+Both roofs are *measured* here with Numba kernels:
+
+* bandwidth: STREAM-style read (sum), copy (b = a) and triad (a = b + s * c) kernels on
+  arrays far larger than the last-level cache, counting the bytes the kernel names
+  (reads + writes, as STREAM does). The roof is the best of the three.
+* peak FP32: every thread updates many independent accumulators with fused multiply-adds
+  (2 FLOPs each) that the compiler packs into SIMD registers.
+
+`attention_traffic` gives the bytes and FLOPs of one decode-attention call, so any
+kernel's measured time places it on the plot.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .errors import ConfigError
+
+FMA_WIDTH = 256  # independent accumulators per thread in the peak-FLOP kernel
+
+
+@njit(parallel=True, cache=True)
+def _fill(a, value):
+    """a[:] = value, in parallel, so each page is first touched by the thread that streams it."""
+    for i in prange(a.shape[0]):
+        a[i] = value
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _sum(a):
+    total = np.float32(0.0)
+    for i in range(a.shape[0]):
+        total += a[i]
+    return total
+
+
+@njit(parallel=True, cache=True)
+def stream_read(a, n_chunks):
+    """Sum of `a` (reads a.nbytes), in `n_chunks` parallel pieces."""
+    per_chunk = (a.shape[0] + n_chunks - 1) // n_chunks
+    partial = np.zeros(n_chunks, dtype=np.float32)
+    for c in prange(n_chunks):
+        partial[c] = _sum(a[c * per_chunk:(c + 1) * per_chunk])
+    return partial.sum()
+
+
+@njit(parallel=True, cache=True)
+def stream_copy(dst, src):
+    """dst[:] = src (reads and writes one array each)."""
+    for i in prange(src.shape[0]):
+        dst[i] = src[i]
+
+
+@njit(parallel=True, cache=True)
+def stream_triad(a, b, c, s):
+    """a[:] = b + s * c (reads two arrays, writes one)."""
+    for i in prange(a.shape[0]):
+        a[i] = b[i] + s * c[i]
+
+
+@njit(cache=True, fastmath={"contract"})
+def _fma_chain(acc, n_iter, x, y):
+    """n_iter rounds of acc = acc * x + y on FMA_WIDTH independent accumulators.
+
+    The inner trip count is the compile-time constant FMA_WIDTH, so the compiler unrolls
+    it and keeps the accumulators in SIMD registers: enough independent chains to hide
+    the FMA latency on every port. (`contract` allows fusing * and + into one FMA.)
+    """
+    for _ in range(n_iter):
+        for u in range(FMA_WIDTH):
+            acc[u] = acc[u] * x + y
+
+
+@njit(parallel=True, cache=True)
+def fma_peak(n_threads, n_iter):
+    """n_threads * n_iter * FMA_WIDTH fused multiply-adds; returns their (unused) sums."""
+    out = np.zeros(n_threads, dtype=np.float32)
+    for t in prange(n_threads):
+        acc = np.full(FMA_WIDTH, np.float32(t), dtype=np.float32)
+        _fma_chain(acc, n_iter, np.float32(0.999999), np.float32(1e-7))
+        out[t] = acc.sum()
+    return out
+
+
+def _best_time(fn, repeats: int) -> float:
+    """Fastest of `repeats` calls (the first call, which compiles or warms up, is not timed)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A machine's two roofs.
+
+    Attributes:
+        bandwidth: bytes/s per STREAM kernel ("read", "copy", "triad").
+        peak_flops: FP32 FLOP/s of the FMA kernel.
+        threads: Numba threads used.
+        machine: a short description (processor, cores).
+    """
+
+    bandwidth: dict
+    peak_flops: float
+    threads: int
+    machine: str
+
+    @property
+    def memory_roof(self) -> float:
+        """The bandwidth roof in bytes/s: the best STREAM kernel."""
+        return max(self.bandwidth.values())
+
+    @property
+    def ridge_point(self) -> float:
+        """Intensity (FLOP/byte) above which a kernel can be compute bound."""
+        return self.peak_flops / self.memory_roof
+
+    def attainable(self, intensity):
+        """Roofline bound in FLOP/s at `intensity` FLOP/byte."""
+        return np.minimum(self.peak_flops, self.memory_roof * np.asarray(intensity))
+
+
+def measure_roofline(array_mb: int = 128, repeats: int = 5, fma_seconds: float = 0.1) -> Roofline:
+    """Measure bandwidth (read, copy, triad on `array_mb` MiB float32 arrays) and peak FP32.
+
+    Three arrays are allocated (3 * array_mb MiB). Pick `array_mb` several times the
+    last-level cache so that every byte comes from DRAM. Each figure is the best of
+    `repeats` runs after a warm-up; the FMA kernel runs for at least `fma_seconds` per call.
+    """
+    if array_mb < 1 or repeats < 1:
+        raise ConfigError(f"array_mb and repeats must be positive, got {array_mb}, {repeats}")
+    n = array_mb * 2**20 // 4
+    threads = numba.get_num_threads()
+    a, b, c = (np.empty(n, dtype=np.float32) for _ in range(3))
+    for x, value in ((a, 1.0), (b, 2.0), (c, 0.5)):
+        _fill(x, np.float32(value))
+    chunks = 16 * threads
+    bandwidth = {
+        "read": a.nbytes / _best_time(lambda: stream_read(a, chunks), repeats),
+        "copy": 2 * a.nbytes / _best_time(lambda: stream_copy(b, a), repeats),
+        "triad": 3 * a.nbytes / _best_time(lambda: stream_triad(a, b, c, np.float32(3.0)),
+                                           repeats),
+    }
+    del a, b, c
+    fma_peak(threads, 10)  # compile / warm up
+    n_iter = 1000
+    while _best_time(lambda: fma_peak(threads, n_iter), 1) < fma_seconds:
+        n_iter *= 2  # long enough that starting the threads is a negligible part
+    seconds = _best_time(lambda: fma_peak(threads, n_iter), repeats)
+    peak = 2 * threads * n_iter * FMA_WIDTH / seconds
+    machine = f"{platform.processor() or platform.machine()}, {threads} threads"
+    return Roofline(bandwidth, peak, threads, machine)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Work of one decode-attention call.
+
+    Attributes:
+        bytes: bytes that must come from memory (K/V as stored, scales, queries, outputs).
+        flops: floating-point operations (2 per multiply-add; softmax ignored, it is O(S)).
+    """
+
+    bytes: float
+    flops: float
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per byte."""
+        return self.flops / self.bytes
+
+
+def attention_traffic(batch: int, context: int, n_heads: int, n_kv_heads: int,
+                      head_dim: int, kv_bytes_per_value: float = 4.0,
+                      extra_bytes_per_token: float = 0.0) -> Traffic:
+    """Bytes and FLOPs of decode attention: one query per sequence over `context` tokens.
+
+    Each token's key and value (n_kv_heads * head_dim values each) are read once; every
+    query head does a dot product with each key (2 * head_dim FLOPs) and adds a weighted
+    value (2 * head_dim FLOPs). `extra_bytes_per_token` counts per-token metadata read
+    along with K/V (quantization scales, for example).
+    """
+    kv = 2 * n_kv_heads * head_dim * kv_bytes_per_value + extra_bytes_per_token
+    io = 2 * n_heads * head_dim * 4  # query in, output out (float32)
+    flops = 4 * n_heads * head_dim * context
+    return Traffic(batch * (context * kv + io), batch * flops)
+
+
+def plot_roofline(ax, roof: Roofline, intensity_range=(0.05, 100.0)):
+    """Draw the measured roofline on a matplotlib axis (log-log, GFLOP/s vs FLOP/byte)."""
+    x = np.geomspace(*intensity_range, 200)
+    ax.loglog(x, roof.attainable(x) / 1e9, color="black", linewidth=2,
+              label=f"roof: {roof.memory_roof / 1e9:.1f} GB/s, {roof.peak_flops / 1e9:.0f} GFLOP/s")
+    for name, bw in roof.bandwidth.items():
+        if bw < roof.memory_roof:
+            ax.loglog(x, np.minimum(roof.peak_flops, bw * x) / 1e9, ":", color="grey",
+                      linewidth=1)
+    ax.axvline(roof.ridge_point, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"Roofline of this machine ({roof.machine})")
+    return ax
