@@ -10,6 +10,10 @@ STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 export OPENBLAS_NUM_THREADS ?= 2
 export NUMBA_NUM_THREADS ?= 2
+# OpenBLAS and OpenMP (under Numba) threads busy-wait after each call and take the cores
+# from each other (chapter 8); these make them sleep at once.
+export OPENBLAS_THREAD_TIMEOUT ?= 4
+export OMP_WAIT_POLICY ?= PASSIVE
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test env exercises clean

@@ -213,12 +213,14 @@ def test_paged_kernel_rejects_bad_tables(rng):
         cpu.decode_paged(q, keys, values, table, [5, 9])  # past the table's blocks
 
 
-def test_half_to_float_matches_numpy_float16():
+def test_halves_to_float32_matches_numpy_float16():
     bits = np.arange(0, 2**16, dtype=np.uint16)
     halves = bits.view(np.float16)
     finite = np.isfinite(halves)
-    got = np.array([cpu._half_to_float(b) for b in bits[finite]], dtype=np.float32)
+    got = np.empty(int(finite.sum()), dtype=np.float32)
+    cpu.halves_to_float32(bits[finite], got)
     np.testing.assert_array_equal(got, halves[finite].astype(np.float32))
+    assert np.array_equal(np.signbit(got), np.signbit(halves[finite]))
 
 
 def quantize_8bit(x, axis, group, symmetric):
@@ -275,3 +277,15 @@ def test_int8_kernel_matches_reference_on_dequantized_data(rng, symmetric, chann
         v = np.concatenate([vdeq[r, :, :nq], tail_v[r, :, :n - nq]], axis=1)
         want.append(attention(q[b:b + 1], k, v)[0])
     np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
+
+
+def test_exp_nonpositive_matches_numpy_exp():
+    x = np.concatenate([-np.geomspace(1e-9, 86.9, 100_001), [0.0, -0.5, -np.log(2)]])
+    x = x.astype(np.float32)
+    got = x.copy()
+    cpu.exp_nonpositive(got, len(got), np.empty(len(got), dtype=np.int32))
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 2e-7
+    below = np.array([-87.0, -100.0, -np.inf], dtype=np.float32)   # clamped at exp(-87)
+    cpu.exp_nonpositive(below, 3, np.empty(3, dtype=np.int32))
+    np.testing.assert_allclose(below, np.exp(-87.0), rtol=2e-7)

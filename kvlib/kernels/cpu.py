@@ -5,25 +5,30 @@ Every kernel here computes, for each sequence b and query head h,
     out[b, h] = softmax(scale * q[b, h] . K[b, h // G]^T) @ V[b, h // G]
 
 over the `lengths[b]` cached tokens, where G = n_heads / n_kv_heads is the number of
-query heads sharing one KV head (grouped-query attention). Three ideas make it fast:
+query heads sharing one KV head (grouped-query attention). What makes them fast:
 
 * **Grouped-query aware.** A work item is one (sequence, KV head): it loads each key and
   value vector once and uses it for all G query heads of that KV head.
-* **One pass with an online softmax.** Keys are read in tiles of `TILE` tokens (one
-  block for the paged cache); each tile updates a running maximum `m`, a running sum of
-  exponentials `l` and an unnormalised output `acc`, so K and V are streamed exactly once
-  and no `[n_heads, context]` score matrix is ever stored.
+* **One pass with an online softmax.** Keys are read in tiles of `TILE` tokens; each tile
+  updates a running maximum `m`, a running sum of exponentials `l` and an unnormalised
+  output `acc`, so K and V are streamed exactly once and no `[n_heads, context]` score
+  matrix is ever stored.
+* **SIMD inner loops.** Dot products and value sums take four tokens per step, and the
+  exponential is a polynomial the compiler vectorises (`exp_nonpositive`), not one
+  C-library call per score.
 * **Parallel over (sequence, KV head), and split-K.** Work items run on Numba's threads
-  (`prange`). When there are too few items to keep every thread busy, each item's context
-  is cut into `n_splits` ranges processed in parallel, and the partial results are merged
-  afterwards with the same online-softmax rule (Flash-Decoding).
+  (`prange`), each with its own private state. When there are too few items to keep
+  every thread busy, each item's context is cut into `n_splits` ranges processed in
+  parallel, and the partial results are merged afterwards with the same online-softmax
+  rule (Flash-Decoding).
 
 Kernels follow the storage of each cache: `decode_contiguous` reads a
 `[rows, n_kv_heads, max_seq, head_dim]` layer of `ContiguousCache`; `decode_paged` reads a
 `[num_blocks, n_kv_heads, block_size, head_dim]` block pool through each sequence's block
-table, one block per tile, without gathering the sequence into a copy; `decode_int8`
-reads 8-bit codes with float16 scales (the layout of `QuantizedCache`) and dequantizes
-each tile into a small buffer that stays in the core's L1 cache.
+table, without gathering the sequence into a copy; `decode_int8` reads 8-bit codes with
+float16 scales (the layout of `QuantizedCache`): with one scale per token and head the
+scales multiply scores and weights and the codes are used as they are; other layouts are
+dequantized one tile at a time into a buffer that stays in the core's L1 cache.
 """
 
 from __future__ import annotations
@@ -36,92 +41,172 @@ from numba import njit, prange
 
 from ..errors import DTypeError, ShapeError
 
-TILE = 64                 # tokens per online-softmax update in the contiguous kernel
+TILE = 64                 # tokens per online-softmax update
 MIN_SPLIT_TOKENS = 512    # split-K never gives a thread fewer tokens than this
+UNROLL = 4                # tokens per step of the dot-product and value loops
+LANES_FM = {"reassoc", "contract"}
+# The only relaxations used anywhere in the kernels: `reassoc` lets the compiler keep
+# partial sums in SIMD lanes and add them at the end, `contract` fuses a * b + c into one
+# FMA instruction. Both change the last bits of a result, never more; infinities and NaN
+# keep their IEEE meaning (no flush-to-zero, no "no-NaN" assumptions).
+
+# exp(x) = 2**k * exp(r) with k = round(x / ln 2) and |r| <= ln(2) / 2; ln 2 is split in
+# a short high part (exact in k * LN2_HI) and a low correction, so r is accurate.
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-87.0)   # exp(-87) ~ 1.6e-38, the smallest normal float32 is 1.2e-38
+# Taylor coefficients 1/7!, ..., 1/1!, 1/0!: the error is below r**8 / 8! < 1e-8 relative
+_EXP_COEFFS = np.array([1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1, 1],
+                       dtype=np.float32)
 
 
-@njit(cache=True, fastmath={"reassoc"})
-def _dot(a, b):
-    """a . b for two float32 vectors.
+@njit(cache=True, fastmath={"contract"})
+def exp_nonpositive(x, n, scratch):
+    """x[:n] <- exp(x[:n]) for x <= 0, in a loop the compiler turns into SIMD code.
 
-    `reassoc` lets the compiler keep several partial sums in SIMD lanes and add them at
-    the end. It is the only relaxation used anywhere in the kernels (no flush-to-zero, no
-    assumptions about NaN or infinity); it changes the last bits of a score, never more.
+    NumPy's exponential is vectorised, but `np.exp` on one float inside a Numba loop is a
+    call to the C library, one value at a time; with three query heads per key that is
+    three calls per cached token. This version needs only multiply-adds, a rounding and
+    integer shifts, so 16 values go through each AVX-512 instruction.
+
+    Args:
+        x: [>= n] float32, scores minus their running maximum (so <= 0).
+        scratch: [>= n] int32 buffer for the bits of 2**k.
+    Results are within 2e-7 relative of `np.exp`; inputs below -87 give exp(-87).
     """
-    total = np.float32(0.0)
-    for j in range(a.shape[0]):
-        total += a[j] * b[j]
-    return total
+    powers = scratch.view(np.float32)
+    for i in range(n):
+        v = max(x[i], _EXP_FLOOR)
+        k = np.floor(v * _LOG2E + np.float32(0.5))
+        r = v - k * _LN2_HI - k * _LN2_LO
+        p = _EXP_COEFFS[0]
+        for c in range(1, _EXP_COEFFS.shape[0]):
+            p = p * r + _EXP_COEFFS[c]
+        x[i] = p
+        scratch[i] = (np.int32(k) + np.int32(127)) << 23   # the float32 bits of 2**k
+    for i in range(n):
+        x[i] *= powers[i]
 
 
-@njit(cache=True, fastmath=False)
-def _fold_tile(q_group, keys, values, m, l, acc, scores):
-    """Fold a tile of keys/values into the online-softmax state of G query heads.
+@njit(cache=True, fastmath=LANES_FM)
+def _scores(q_group, keys, scores, offset):
+    """scores[g, offset + t] = q_group[g] . keys[t] for every key of the tile.
 
     Args:
         q_group: [G, d] scaled queries sharing one KV head.
-        keys, values: [n, d] the tile (n >= 1 tokens).
-        m, l: [G] running maximum score and running sum of exp(score - m).
-        acc: [G, d] running sum of exp(score - m) * value.
-        scores: [G, >= n] scratch space.
+        keys: [n, d] float32 keys. Four keys are taken per step, so each query value is
+            loaded once for four dot products.
+        scores: [G, >= offset + n] output.
     """
     n = keys.shape[0]
-    n_group, head_dim = acc.shape
-    for t in range(n):                      # scores: each key read once for all G heads
+    n_group, head_dim = q_group.shape
+    t = 0
+    while t + UNROLL <= n:
         for g in range(n_group):
-            scores[g, t] = _dot(q_group[g], keys[t])
-    for g in range(n_group):                # rescale the state to the new maximum
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for j in range(head_dim):
+                qj = q_group[g, j]
+                s0 += qj * keys[t, j]
+                s1 += qj * keys[t + 1, j]
+                s2 += qj * keys[t + 2, j]
+                s3 += qj * keys[t + 3, j]
+            scores[g, offset + t] = s0
+            scores[g, offset + t + 1] = s1
+            scores[g, offset + t + 2] = s2
+            scores[g, offset + t + 3] = s3
+        t += UNROLL
+    for t in range(t, n):
+        for g in range(n_group):
+            total = np.float32(0.0)
+            for j in range(head_dim):
+                total += q_group[g, j] * keys[t, j]
+            scores[g, offset + t] = total
+
+
+@njit(cache=True, fastmath=LANES_FM)
+def _softmax_update(scores, n, m, l, acc, scratch):
+    """Fold n new scores into the online-softmax state; scores[:, :n] become weights.
+
+    Args:
+        scores: [G, >= n] scores of the tile; on return exp(score - new maximum).
+        m, l: [G] running maximum and running sum of exp(score - m).
+        acc: [G, d] running sum of exp(score - m) * value, rescaled here to the new m.
+        scratch: [>= n] int32, for `exp_nonpositive`.
+    """
+    n_group, head_dim = acc.shape
+    for g in range(n_group):
         new_max = m[g]
         for t in range(n):
             new_max = max(new_max, scores[g, t])
-        correction = np.exp(m[g] - new_max)
+        correction = np.exp(m[g] - new_max)   # one libm call per tile: exp(-inf) = 0 here
         m[g] = new_max
-        l[g] *= correction
         for j in range(head_dim):
             acc[g, j] *= correction
+        row = scores[g]
         for t in range(n):
-            p = np.exp(scores[g, t] - new_max)
-            scores[g, t] = p
-            l[g] += p
-    for t in range(n):                      # values: each read once for all G heads
-        for g in range(n_group):
-            p = scores[g, t]
-            for j in range(head_dim):
-                acc[g, j] += p * values[t, j]
+            row[t] -= new_max
+        exp_nonpositive(row, n, scratch)
+        total = np.float32(0.0)
+        for t in range(n):
+            total += row[t]
+        l[g] = l[g] * correction + total
 
 
-@njit(cache=True, fastmath=False)
-def _merge_splits(m, l, acc, out):
-    """Combine split-K partial states into normalised outputs.
+@njit(cache=True, fastmath=LANES_FM)
+def _accumulate_values(weights, offset, values, acc):
+    """acc[g] += sum_t weights[g, offset + t] * values[t], four values per step.
 
     Args:
-        m, l: [B, n_kv_heads, n_splits, G]; acc: [B, n_kv_heads, n_splits, G, d].
-        out: [B, n_kv_heads * G, d] written in place. A split that saw no token has
-            m = -inf and l = 0 and contributes nothing.
+        weights: [G, >= offset + n] softmax weights; values: [n, d]; acc: [G, d].
     """
-    n_seq, n_kv_heads, n_splits, n_group, head_dim = acc.shape
-    for item in prange(n_seq * n_kv_heads * n_group):
-        b = item // (n_kv_heads * n_group)
-        h = (item // n_group) % n_kv_heads
-        g = item % n_group
-        top = -np.inf
-        for s in range(n_splits):
-            top = max(top, m[b, h, s, g])
-        total = np.float32(0.0)
-        row = out[b, h * n_group + g]
-        row[:] = 0.0
-        for s in range(n_splits):
-            if l[b, h, s, g] == 0.0:
-                continue
-            w = np.exp(m[b, h, s, g] - top)
-            total += w * l[b, h, s, g]
+    n = values.shape[0]
+    n_group, head_dim = acc.shape
+    t = 0
+    while t + UNROLL <= n:
+        for g in range(n_group):
+            w0, w1 = weights[g, offset + t], weights[g, offset + t + 1]
+            w2, w3 = weights[g, offset + t + 2], weights[g, offset + t + 3]
             for j in range(head_dim):
-                row[j] += w * acc[b, h, s, g, j]
-        for j in range(head_dim):
-            row[j] /= total
+                acc[g, j] += (w0 * values[t, j] + w1 * values[t + 1, j]
+                              + w2 * values[t + 2, j] + w3 * values[t + 3, j])
+        t += UNROLL
+    for t in range(t, n):
+        for g in range(n_group):
+            w = weights[g, offset + t]
+            for j in range(head_dim):
+                acc[g, j] += w * values[t, j]
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True)
+def _fold_tile(q_group, keys, values, state):
+    """Fold one tile of keys/values ([n, d] each, n <= TILE) into an online-softmax state.
+
+    The three steps of every kernel here: scores of the tile, the softmax update, the
+    weighted values. `state` is the tuple made by `_new_state`.
+    """
+    m, l, acc, scores, scratch = state
+    _scores(q_group, keys, scores, 0)
+    _softmax_update(scores, keys.shape[0], m, l, acc, scratch)
+    _accumulate_values(scores, 0, values, acc)
+
+
+@njit(cache=True)
+def _new_state(n_group, head_dim, tile):
+    """Online-softmax state of G query heads, private to one work item (so to one thread).
+
+    Returns (m [G] = -inf, l [G] = 0, acc [G, d] = 0, scores [G, tile], scratch [tile]).
+    Each thread updates its own small arrays; only the final state is written to memory
+    that other threads touch, so no cache line bounces between cores while streaming.
+    """
+    return (np.full(n_group, -np.inf, dtype=np.float32),
+            np.zeros(n_group, dtype=np.float32),
+            np.zeros((n_group, head_dim), dtype=np.float32),
+            np.empty((n_group, tile), dtype=np.float32),
+            np.empty(tile, dtype=np.int32))
+
+
+@njit(cache=True)
 def _split_range(n_units, split, n_splits):
     """[start, end) of the `split`-th of `n_splits` near-equal ranges over n_units."""
     per_split = (n_units + n_splits - 1) // n_splits
@@ -129,151 +214,266 @@ def _split_range(n_units, split, n_splits):
     return start, min(start + per_split, n_units)
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(cache=True)
+def _work_item(item, n_kv_heads, n_splits):
+    """(sequence, KV head, split) of a flat work-item index."""
+    return item // (n_kv_heads * n_splits), (item // n_splits) % n_kv_heads, item % n_splits
+
+
+@njit(cache=True)
+def _merge_splits(m, l, acc, n_kv_heads, n_splits):
+    """Combine split-K partial states into normalised outputs.
+
+    Args:
+        m, l: [items, G]; acc: [items, G, d], item = (b * n_kv_heads + h) * n_splits + split.
+            A split that saw no token has m = -inf and l = 0 and contributes nothing.
+    Returns:
+        [B, n_kv_heads * G, d] float32.
+    """
+    n_items, n_group, head_dim = acc.shape
+    n_seq = n_items // (n_kv_heads * n_splits)
+    out = np.empty((n_seq, n_kv_heads * n_group, head_dim), dtype=np.float32)
+    for row in range(n_seq * n_kv_heads * n_group):
+        b, h, g = _work_item(row, n_kv_heads, n_group)   # same index arithmetic, G for splits
+        first = (b * n_kv_heads + h) * n_splits
+        top = -np.inf
+        for s in range(first, first + n_splits):
+            top = max(top, m[s, g])
+        total = np.float32(0.0)
+        out_row = out[b, h * n_group + g]
+        out_row[:] = 0.0
+        for s in range(first, first + n_splits):
+            if l[s, g] == 0.0:
+                continue
+            w = np.exp(m[s, g] - top)
+            total += w * l[s, g]
+            for j in range(head_dim):
+                out_row[j] += w * acc[s, g, j]
+        for j in range(head_dim):
+            out_row[j] /= total
+    return out
+
+
+@njit(cache=True)
+def _partials(n_items, n_group, head_dim):
+    """Per-item results (m, l, acc) that `_merge_splits` combines."""
+    return (np.empty((n_items, n_group), dtype=np.float32),
+            np.empty((n_items, n_group), dtype=np.float32),
+            np.empty((n_items, n_group, head_dim), dtype=np.float32))
+
+
+@njit(parallel=True, cache=True)
 def _decode_contiguous_kernel(q, keys, values, rows, lengths, scale, n_splits):
     n_seq, n_heads, head_dim = q.shape
     n_kv_heads = keys.shape[1]
     n_group = n_heads // n_kv_heads
-    m = np.full((n_seq, n_kv_heads, n_splits, n_group), -np.inf, dtype=np.float32)
-    l = np.zeros((n_seq, n_kv_heads, n_splits, n_group), dtype=np.float32)
-    acc = np.zeros((n_seq, n_kv_heads, n_splits, n_group, head_dim), dtype=np.float32)
-    for item in prange(n_seq * n_kv_heads * n_splits):
-        b = item // (n_kv_heads * n_splits)
-        h = (item // n_splits) % n_kv_heads
-        split = item % n_splits
+    n_items = n_seq * n_kv_heads * n_splits
+    m_out, l_out, acc_out = _partials(n_items, n_group, head_dim)
+    for item in prange(n_items):
+        b, h, split = _work_item(item, n_kv_heads, n_splits)
         q_group = q[b, h * n_group:(h + 1) * n_group] * scale
-        scores = np.empty((n_group, TILE), dtype=np.float32)
+        state = _new_state(n_group, head_dim, TILE)
+        k_seq, v_seq = keys[rows[b], h], values[rows[b], h]
         n_tiles = (lengths[b] + TILE - 1) // TILE
         first, last = _split_range(n_tiles, split, n_splits)
-        k_seq, v_seq = keys[rows[b], h], values[rows[b], h]
         for tile in range(first, last):
-            start = tile * TILE
-            end = min(start + TILE, lengths[b])
-            _fold_tile(q_group, k_seq[start:end], v_seq[start:end],
-                       m[b, h, split], l[b, h, split], acc[b, h, split], scores)
-    out = np.empty_like(q)
-    _merge_splits(m, l, acc, out)
-    return out
+            start, end = tile * TILE, min(tile * TILE + TILE, lengths[b])
+            _fold_tile(q_group, k_seq[start:end], v_seq[start:end], state)
+        m_out[item], l_out[item], acc_out[item] = state[0], state[1], state[2]
+    return _merge_splits(m_out, l_out, acc_out, n_kv_heads, n_splits)
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True)
 def _decode_paged_kernel(q, keys, values, block_table, lengths, scale, n_splits):
     n_seq, n_heads, head_dim = q.shape
     n_kv_heads, block_size = keys.shape[1], keys.shape[2]
     n_group = n_heads // n_kv_heads
-    m = np.full((n_seq, n_kv_heads, n_splits, n_group), -np.inf, dtype=np.float32)
-    l = np.zeros((n_seq, n_kv_heads, n_splits, n_group), dtype=np.float32)
-    acc = np.zeros((n_seq, n_kv_heads, n_splits, n_group, head_dim), dtype=np.float32)
-    for item in prange(n_seq * n_kv_heads * n_splits):
-        b = item // (n_kv_heads * n_splits)
-        h = (item // n_splits) % n_kv_heads
-        split = item % n_splits
+    per_tile = max(1, TILE // block_size)      # blocks whose scores share one softmax update
+    n_items = n_seq * n_kv_heads * n_splits
+    m_out, l_out, acc_out = _partials(n_items, n_group, head_dim)
+    for item in prange(n_items):
+        b, h, split = _work_item(item, n_kv_heads, n_splits)
         q_group = q[b, h * n_group:(h + 1) * n_group] * scale
-        scores = np.empty((n_group, block_size), dtype=np.float32)
+        state = _new_state(n_group, head_dim, per_tile * block_size)
+        m, l, acc, scores, scratch = state
         n_blocks = (lengths[b] + block_size - 1) // block_size
-        first, last = _split_range(n_blocks, split, n_splits)
-        for i in range(first, last):
-            block = block_table[b, i]                           # the block-table walk
-            used = min(block_size, lengths[b] - i * block_size)  # the last block may be partial
-            _fold_tile(q_group, keys[block, h, :used], values[block, h, :used],
-                       m[b, h, split], l[b, h, split], acc[b, h, split], scores)
-    out = np.empty_like(q)
-    _merge_splits(m, l, acc, out)
-    return out
+        n_tiles = (n_blocks + per_tile - 1) // per_tile
+        first, last = _split_range(n_tiles, split, n_splits)
+        for tile in range(first, last):
+            first_block = tile * per_tile
+            end_block = min(first_block + per_tile, n_blocks)
+            for i in range(first_block, end_block):  # the block-table walk: scores first
+                used = min(block_size, lengths[b] - i * block_size)  # last block: partial
+                _scores(q_group, keys[block_table[b, i], h, :used], scores,
+                        (i - first_block) * block_size)
+            n = min(lengths[b], end_block * block_size) - first_block * block_size
+            _softmax_update(scores, n, m, l, acc, scratch)
+            for i in range(first_block, end_block):  # then the values, walking the same blocks
+                used = min(block_size, lengths[b] - i * block_size)
+                _accumulate_values(scores, (i - first_block) * block_size,
+                                   values[block_table[b, i], h, :used], acc)
+        m_out[item], l_out[item], acc_out[item] = m, l, acc
+    return _merge_splits(m_out, l_out, acc_out, n_kv_heads, n_splits)
 
 
-# 2**(e - 25) for the 5-bit exponent e of a float16 (e = 0 is handled as e = 1: subnormals)
-_HALF_POWERS = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
+@njit(cache=True)
+def halves_to_float32(bits, out):
+    """out[i] = the float32 value of the float16 whose 16 bits are bits[i].
 
+    Numba cannot read float16 arrays, so the kernels read scales as raw 16 bits: sign
+    (1 bit), exponent e (5 bits), mantissa (10 bits). A normal float16 (e > 0) becomes a
+    float32 by moving its fields into place and adding 127 - 15 to the exponent; a
+    subnormal one (e = 0) is mantissa * 2**-24. Both are computed and one is kept, with
+    no branch, so the loop runs in SIMD lanes. Infinity and NaN are not supported.
 
-@njit(cache=True, fastmath=False)
-def _half_to_float(bits):
-    """The float32 value of float16 `bits` (a uint16), for finite values.
-
-    Numba cannot read float16 arrays, so the kernels read scales as their raw 16 bits:
-    sign (1 bit), exponent e (5 bits), mantissa m (10 bits); the value is
-    +-(1024 + m) * 2**(e - 25) for e > 0 and +-m * 2**(-24) for e = 0 (subnormal).
+    Args:
+        bits: [n] uint16. out: [n] float32, written in place.
     """
-    exponent = (bits >> 10) & 0x1F
-    mantissa = bits & 0x3FF
-    if exponent > 0:
-        mantissa += 1024
-    value = np.float32(mantissa) * _HALF_POWERS[exponent]
-    return -value if bits & 0x8000 else value
+    out_bits = out.view(np.int32)
+    for i in range(bits.shape[0]):
+        h = np.int32(bits[i])
+        sign = (h & 0x8000) << 16
+        magnitude = h & 0x7FFF
+        normal = sign | ((magnitude << 13) + 0x38000000)
+        out_bits[i] = normal if magnitude >= 0x400 else sign
+    for i in range(bits.shape[0]):
+        h = np.int32(bits[i])
+        tiny = np.float32(h & 0x3FF) * np.float32(2.0 ** -24) if (h & 0x7C00) == 0 \
+            else np.float32(0.0)
+        out[i] += -tiny if h & 0x8000 else tiny
 
 
-@njit(cache=True, fastmath=False)
-def _dequantize_rows(codes, scale, zero, has_zero, channel_group, out):
-    """out[i, j] = codes[i, j] * scale[i, j // channel_group] (+ zero[i, ...]).
+@njit(cache=True, fastmath=LANES_FM)
+def _dequantize_tokens(codes, scale_bits, zero_bits, has_zero, meta, out):
+    """Per-token data: out[i, j] = codes[i, j] * scale[i, j // group] (+ zero[i, ...]).
 
-    For per-token data: codes [n, d], scale/zero [n, d // channel_group] as float16 bits.
+    Args:
+        codes: [n, d] 8-bit codes; scale_bits, zero_bits: [n, d // group] float16 bits.
+        meta: [>= 2 * n * (d // group)] float32 scratch for the decoded scales and zeros.
+        out: [n, d] float32.
     """
     n, head_dim = codes.shape
+    n_groups = scale_bits.shape[1]
+    group = head_dim // n_groups
+    scales = meta[:n * n_groups]
+    zeros = meta[n * n_groups:2 * n * n_groups]
+    halves_to_float32(scale_bits.reshape(n * n_groups), scales)
+    if has_zero:
+        halves_to_float32(zero_bits.reshape(n * n_groups), zeros)
+    else:
+        zeros[:] = 0.0
     for i in range(n):
-        for g in range(head_dim // channel_group):
-            s = _half_to_float(scale[i, g])
-            z = _half_to_float(zero[i, g]) if has_zero else np.float32(0.0)
-            for j in range(g * channel_group, (g + 1) * channel_group):
-                out[i, j] = np.float32(codes[i, j]) * s + z
+        for c in range(n_groups):
+            s, z = scales[i * n_groups + c], zeros[i * n_groups + c]
+            first = c * group
+            for j in range(group):  # a loop from 0 vectorises; range(first, ...) did not
+                out[i, first + j] = np.float32(codes[i, first + j]) * s + z
 
 
-@njit(cache=True, fastmath=False)
-def _dequantize_channels(codes, scale, zero, has_zero, first_token, token_group, out):
-    """Per-channel keys: out[i, j] = codes[i, j] * scale[(first_token + i) // token_group, j]."""
+@njit(cache=True, fastmath=LANES_FM)
+def _dequantize_channels(codes, scale_bits, zero_bits, has_zero, first_token, token_group,
+                         meta, out):
+    """Per-channel keys: out[i, j] = codes[i, j] * scale[(first_token + i) // token_group, j].
+
+    Args:
+        codes: [n, d]; scale_bits, zero_bits: [groups, d] float16 bits for the whole row.
+        meta: [>= 2 * d] float32 scratch (one decoded scale row and zero row at a time).
+        out: [n, d] float32.
+    """
     n, head_dim = codes.shape
+    scales, zeros = meta[:head_dim], meta[head_dim:2 * head_dim]
+    row = -1
     for i in range(n):
-        row = (first_token + i) // token_group
+        if (first_token + i) // token_group != row:   # a new token group: decode its row
+            row = (first_token + i) // token_group
+            halves_to_float32(scale_bits[row], scales)
+            if has_zero:
+                halves_to_float32(zero_bits[row], zeros)
+            else:
+                zeros[:] = 0.0
         for j in range(head_dim):
-            z = _half_to_float(zero[row, j]) if has_zero else np.float32(0.0)
-            out[i, j] = np.float32(codes[i, j]) * _half_to_float(scale[row, j]) + z
+            out[i, j] = np.float32(codes[i, j]) * scales[j] + zeros[j]
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(cache=True, fastmath=LANES_FM)
+def _fold_scaled_tile(q_group, key_codes, key_scale_bits, value_codes, value_scale_bits,
+                      state, meta):
+    """Fold a tile of int8 codes with one scale per token and head, dequantizing nothing.
+
+    With k = s_k * c_k and v = s_v * c_v, the score q . k is s_k * (q . c_k) and a weight
+    w times v is (w * s_v) * c_v: the scales multiply the n scores and the n weights, and
+    `_scores` / `_accumulate_values` read the codes directly (converting each to float
+    in registers). No [n, d] float32 tile is written or read back.
+
+    Args:
+        key_codes, value_codes: [n, d] int8; key_scale_bits, value_scale_bits: [n, 1]
+            float16 bits. meta: [>= 2n] float32 scratch.
+    """
+    m, l, acc, scores, scratch = state
+    n = key_codes.shape[0]
+    key_scales, value_scales = meta[:n], meta[n:2 * n]
+    halves_to_float32(key_scale_bits.reshape(n), key_scales)
+    halves_to_float32(value_scale_bits.reshape(n), value_scales)
+    _scores(q_group, key_codes, scores, 0)
+    for g in range(scores.shape[0]):
+        for t in range(n):
+            scores[g, t] *= key_scales[t]
+    _softmax_update(scores, n, m, l, acc, scratch)   # l sums the weights before scaling
+    for g in range(scores.shape[0]):
+        for t in range(n):
+            scores[g, t] *= value_scales[t]
+    _accumulate_values(scores, 0, value_codes, acc)
+
+
+@njit(parallel=True, cache=True)
 def _decode_int8_kernel(q, key_codes, key_scale, key_zero, value_codes, value_scale,
                         value_zero, tail_keys, tail_values, rows, lengths, n_quantized,
-                        has_zero, channel_group, key_token_group, scale, n_splits):
+                        has_zero, key_token_group, scale, n_splits):
     n_seq, n_heads, head_dim = q.shape
     n_kv_heads = key_codes.shape[1]
     n_group = n_heads // n_kv_heads
-    m = np.full((n_seq, n_kv_heads, n_splits, n_group), -np.inf, dtype=np.float32)
-    l = np.zeros((n_seq, n_kv_heads, n_splits, n_group), dtype=np.float32)
-    acc = np.zeros((n_seq, n_kv_heads, n_splits, n_group, head_dim), dtype=np.float32)
-    for item in prange(n_seq * n_kv_heads * n_splits):
-        b = item // (n_kv_heads * n_splits)
-        h = (item // n_splits) % n_kv_heads
-        split = item % n_splits
+    n_items = n_seq * n_kv_heads * n_splits
+    # symmetric, one scale per token and head for keys and values: the fast path
+    scaled_codes = not has_zero and key_token_group == 0 and key_scale.shape[3] == 1 \
+        and value_scale.shape[3] == 1
+    m_out, l_out, acc_out = _partials(n_items, n_group, head_dim)
+    for item in prange(n_items):
+        b, h, split = _work_item(item, n_kv_heads, n_splits)
         r = rows[b]
         q_group = q[b, h * n_group:(h + 1) * n_group] * scale
-        scores = np.empty((n_group, TILE), dtype=np.float32)
+        state = _new_state(n_group, head_dim, TILE)
         k_tile = np.empty((TILE, head_dim), dtype=np.float32)  # dequantized tile, in L1
         v_tile = np.empty((TILE, head_dim), dtype=np.float32)
+        meta = np.empty(2 * TILE * head_dim, dtype=np.float32)  # decoded scales and zeros
         n_q = n_quantized[b]
         n_tiles = (n_q + TILE - 1) // TILE
-        n_units = n_tiles + (1 if lengths[b] > n_q else 0)  # the tail is one more unit
+        n_units = n_tiles + (1 if lengths[b] > n_q else 0)  # the float32 tail is one more
         first, last = _split_range(n_units, split, n_splits)
         for tile in range(first, last):
-            state = (m[b, h, split], l[b, h, split], acc[b, h, split])
-            if tile == n_tiles:                                  # the float32 tail
+            if tile == n_tiles:
                 n_tail = lengths[b] - n_q
                 _fold_tile(q_group, tail_keys[r, h, :n_tail], tail_values[r, h, :n_tail],
-                           state[0], state[1], state[2], scores)
+                           state)
                 continue
-            start = tile * TILE
-            end = min(start + TILE, n_q)
+            start, end = tile * TILE, min(tile * TILE + TILE, n_q)
             n = end - start
-            if key_token_group > 0:                              # per-channel keys
+            if scaled_codes:
+                _fold_scaled_tile(q_group, key_codes[r, h, start:end], key_scale[r, h, start:end],
+                                  value_codes[r, h, start:end], value_scale[r, h, start:end],
+                                  state, meta)
+                continue
+            if key_token_group > 0:
                 _dequantize_channels(key_codes[r, h, start:end], key_scale[r, h],
                                      key_zero[r, h], has_zero, start, key_token_group,
-                                     k_tile[:n])
+                                     meta, k_tile[:n])
             else:
-                _dequantize_rows(key_codes[r, h, start:end], key_scale[r, h, start:end],
-                                 key_zero[r, h, start:end], has_zero, channel_group, k_tile[:n])
-            _dequantize_rows(value_codes[r, h, start:end], value_scale[r, h, start:end],
-                             value_zero[r, h, start:end], has_zero, channel_group, v_tile[:n])
-            _fold_tile(q_group, k_tile[:n], v_tile[:n], state[0], state[1], state[2], scores)
-    out = np.empty_like(q)
-    _merge_splits(m, l, acc, out)
-    return out
+                _dequantize_tokens(key_codes[r, h, start:end], key_scale[r, h, start:end],
+                                   key_zero[r, h, start:end], has_zero, meta, k_tile[:n])
+            _dequantize_tokens(value_codes[r, h, start:end], value_scale[r, h, start:end],
+                               value_zero[r, h, start:end], has_zero, meta, v_tile[:n])
+            _fold_tile(q_group, k_tile[:n], v_tile[:n], state)
+        m_out[item], l_out[item], acc_out[item] = state[0], state[1], state[2]
+    return _merge_splits(m_out, l_out, acc_out, n_kv_heads, n_splits)
 
 
 def choose_splits(n_items: int, n_tokens: int, n_threads: int | None = None,
@@ -402,12 +602,11 @@ def decode_int8(q: np.ndarray, key_codes, key_scale, key_zero, value_codes, valu
     has_zero = key_zero is not None
     if not has_zero:  # symmetric: the kernel never reads zero points; pass the scales
         key_zero, value_zero = key_scale, value_scale
-    channel_group = key_codes.shape[3] // value_scale.shape[3]
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     if n_splits is None:
         n_splits = choose_splits(len(rows) * key_codes.shape[1], int(lengths.max(initial=1)))
     bits = [a.view(np.uint16) for a in (key_scale, key_zero, value_scale, value_zero)]
     return _decode_int8_kernel(np.ascontiguousarray(q), key_codes, bits[0], bits[1],
                                value_codes, bits[2], bits[3], tail_keys, tail_values, rows, lengths,
-                               n_quantized, has_zero, channel_group, key_token_group,
+                               n_quantized, has_zero, key_token_group,
                                np.float32(scale), n_splits)
