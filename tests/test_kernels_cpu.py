@@ -33,6 +33,10 @@ def test_contiguous_kernel_matches_reference(rng, n_heads, n_kv_heads, n_splits)
     got = cpu.decode_contiguous(q, keys, values, rows, lengths, n_splits=n_splits)
     np.testing.assert_allclose(got, reference(q, keys, values, rows, lengths),
                                rtol=1e-5, atol=1e-6)
+    # prefetching only changes when bytes arrive, never the arithmetic
+    unprefetched = cpu.decode_contiguous(q, keys, values, rows, lengths, n_splits=n_splits,
+                                         prefetch=False)
+    np.testing.assert_array_equal(got, unprefetched)
 
 
 def test_more_splits_than_tiles_and_large_scores(rng):
@@ -198,6 +202,8 @@ def test_paged_kernel_matches_reference(rng, block_size, lengths, n_heads, n_kv_
     got = cpu.decode_paged(q, keys, values, table, lengths, n_splits=n_splits)
     want = reference(q, ck, cv, np.arange(4), lengths)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        got, cpu.decode_paged(q, keys, values, table, lengths, n_splits=n_splits, prefetch=False))
 
 
 def test_paged_kernel_rejects_bad_tables(rng):

@@ -16,6 +16,9 @@ query heads sharing one KV head (grouped-query attention). What makes them fast:
 * **SIMD inner loops.** Dot products and value sums take four tokens per step, and the
   exponential is a polynomial the compiler vectorises (`exp_nonpositive`), not one
   C-library call per score.
+* **Software prefetch.** While one tile is computed, the next tile's keys and values (the
+  next block, for the paged cache) are requested from memory, so the core does not wait
+  for DRAM at every tile and every block.
 * **Parallel over (sequence, KV head), and split-K.** Work items run on Numba's threads
   (`prange`), each with its own private state. When there are too few items to keep
   every thread busy, each item's context is cut into `n_splits` ranges processed in
@@ -37,7 +40,10 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from ..errors import DTypeError, ShapeError
 
@@ -89,20 +95,52 @@ def exp_nonpositive(x, n, scratch):
         x[i] *= powers[i]
 
 
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask the CPU to start loading the cache line holding array.flat[index] (no wait).
+
+    A software prefetch (`prefetcht0` on x86): it never faults and returns nothing; the
+    load proceeds in the background while the core computes. Numba has no function for
+    it, so this emits LLVM's `llvm.prefetch` intrinsic directly.
+    """
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.gep(data, [args[1]])
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        builder.call(fn, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
+@njit(cache=True)
+def _prefetch_row(rows, i):
+    """Prefetch every 64-byte cache line of rows[i] (rows: a C-contiguous [n, d] array)."""
+    width = rows.shape[1]
+    for e in range(0, width, max(1, 64 // rows.itemsize)):
+        _prefetch(rows, i * width + e)
+
+
 @njit(cache=True, fastmath=LANES_FM)
-def _scores(q_group, keys, scores, offset):
+def _scores(q_group, keys, scores, offset, ahead):
     """scores[g, offset + t] = q_group[g] . keys[t] for every key of the tile.
 
     Args:
         q_group: [G, d] scaled queries sharing one KV head.
-        keys: [n, d] float32 keys. Four keys are taken per step, so each query value is
-            loaded once for four dot products.
+        keys: [n, d] keys (float32, or 8-bit codes). Four keys are taken per step, so
+            each query value is loaded once for four dot products.
         scores: [G, >= offset + n] output.
+        ahead: [m, d] the keys to be read next; row t is prefetched with key t, so memory
+            works on the next tile while this one is computed.
     """
     n = keys.shape[0]
     n_group, head_dim = q_group.shape
     t = 0
     while t + UNROLL <= n:
+        for a in range(t, min(t + UNROLL, ahead.shape[0])):
+            _prefetch_row(ahead, a)
         for g in range(n_group):
             s0 = s1 = s2 = s3 = np.float32(0.0)
             for j in range(head_dim):
@@ -154,16 +192,19 @@ def _softmax_update(scores, n, m, l, acc, scratch):
 
 
 @njit(cache=True, fastmath=LANES_FM)
-def _accumulate_values(weights, offset, values, acc):
+def _accumulate_values(weights, offset, values, acc, ahead):
     """acc[g] += sum_t weights[g, offset + t] * values[t], four values per step.
 
     Args:
         weights: [G, >= offset + n] softmax weights; values: [n, d]; acc: [G, d].
+        ahead: [m, d] the values to be read next, prefetched as in `_scores`.
     """
     n = values.shape[0]
     n_group, head_dim = acc.shape
     t = 0
     while t + UNROLL <= n:
+        for a in range(t, min(t + UNROLL, ahead.shape[0])):
+            _prefetch_row(ahead, a)
         for g in range(n_group):
             w0, w1 = weights[g, offset + t], weights[g, offset + t + 1]
             w2, w3 = weights[g, offset + t + 2], weights[g, offset + t + 3]
@@ -179,16 +220,17 @@ def _accumulate_values(weights, offset, values, acc):
 
 
 @njit(cache=True)
-def _fold_tile(q_group, keys, values, state):
+def _fold_tile(q_group, keys, values, state, keys_ahead, values_ahead):
     """Fold one tile of keys/values ([n, d] each, n <= TILE) into an online-softmax state.
 
     The three steps of every kernel here: scores of the tile, the softmax update, the
-    weighted values. `state` is the tuple made by `_new_state`.
+    weighted values. `state` is the tuple made by `_new_state`; `keys_ahead` and
+    `values_ahead` are the rows of the next tile, prefetched on the way.
     """
     m, l, acc, scores, scratch = state
-    _scores(q_group, keys, scores, 0)
+    _scores(q_group, keys, scores, 0, keys_ahead)
     _softmax_update(scores, keys.shape[0], m, l, acc, scratch)
-    _accumulate_values(scores, 0, values, acc)
+    _accumulate_values(scores, 0, values, acc, values_ahead)
 
 
 @njit(cache=True)
@@ -263,7 +305,7 @@ def _partials(n_items, n_group, head_dim):
 
 
 @njit(parallel=True, cache=True)
-def _decode_contiguous_kernel(q, keys, values, rows, lengths, scale, n_splits):
+def _decode_contiguous_kernel(q, keys, values, rows, lengths, scale, n_splits, prefetch):
     n_seq, n_heads, head_dim = q.shape
     n_kv_heads = keys.shape[1]
     n_group = n_heads // n_kv_heads
@@ -278,17 +320,20 @@ def _decode_contiguous_kernel(q, keys, values, rows, lengths, scale, n_splits):
         first, last = _split_range(n_tiles, split, n_splits)
         for tile in range(first, last):
             start, end = tile * TILE, min(tile * TILE + TILE, lengths[b])
-            _fold_tile(q_group, k_seq[start:end], v_seq[start:end], state)
+            ahead = slice(end, min(end + TILE, lengths[b]) if prefetch else end)
+            _fold_tile(q_group, k_seq[start:end], v_seq[start:end], state, k_seq[ahead],
+                       v_seq[ahead])
         m_out[item], l_out[item], acc_out[item] = state[0], state[1], state[2]
     return _merge_splits(m_out, l_out, acc_out, n_kv_heads, n_splits)
 
 
 @njit(parallel=True, cache=True)
-def _decode_paged_kernel(q, keys, values, block_table, lengths, scale, n_splits):
+def _decode_paged_kernel(q, keys, values, block_table, lengths, scale, n_splits, prefetch):
     n_seq, n_heads, head_dim = q.shape
     n_kv_heads, block_size = keys.shape[1], keys.shape[2]
     n_group = n_heads // n_kv_heads
     per_tile = max(1, TILE // block_size)      # blocks whose scores share one softmax update
+    ahead = block_size if prefetch else 0      # rows of the following block to prefetch
     n_items = n_seq * n_kv_heads * n_splits
     m_out, l_out, acc_out = _partials(n_items, n_group, head_dim)
     for item in prange(n_items):
@@ -304,14 +349,17 @@ def _decode_paged_kernel(q, keys, values, block_table, lengths, scale, n_splits)
             end_block = min(first_block + per_tile, n_blocks)
             for i in range(first_block, end_block):  # the block-table walk: scores first
                 used = min(block_size, lengths[b] - i * block_size)  # last block: partial
+                following = block_table[b, min(i + 1, n_blocks - 1)]  # prefetched meanwhile
                 _scores(q_group, keys[block_table[b, i], h, :used], scores,
-                        (i - first_block) * block_size)
+                        (i - first_block) * block_size, keys[following, h, :ahead])
             n = min(lengths[b], end_block * block_size) - first_block * block_size
             _softmax_update(scores, n, m, l, acc, scratch)
             for i in range(first_block, end_block):  # then the values, walking the same blocks
                 used = min(block_size, lengths[b] - i * block_size)
+                following = block_table[b, min(i + 1, n_blocks - 1)]
                 _accumulate_values(scores, (i - first_block) * block_size,
-                                   values[block_table[b, i], h, :used], acc)
+                                   values[block_table[b, i], h, :used], acc,
+                                   values[following, h, :ahead])
         m_out[item], l_out[item], acc_out[item] = m, l, acc
     return _merge_splits(m_out, l_out, acc_out, n_kv_heads, n_splits)
 
@@ -397,7 +445,7 @@ def _dequantize_channels(codes, scale_bits, zero_bits, has_zero, first_token, to
 
 @njit(cache=True, fastmath=LANES_FM)
 def _fold_scaled_tile(q_group, key_codes, key_scale_bits, value_codes, value_scale_bits,
-                      state, meta):
+                      state, meta, keys_ahead, values_ahead):
     """Fold a tile of int8 codes with one scale per token and head, dequantizing nothing.
 
     With k = s_k * c_k and v = s_v * c_v, the score q . k is s_k * (q . c_k) and a weight
@@ -408,13 +456,14 @@ def _fold_scaled_tile(q_group, key_codes, key_scale_bits, value_codes, value_sca
     Args:
         key_codes, value_codes: [n, d] int8; key_scale_bits, value_scale_bits: [n, 1]
             float16 bits. meta: [>= 2n] float32 scratch.
+        keys_ahead, values_ahead: codes to prefetch on the way (as in `_fold_tile`).
     """
     m, l, acc, scores, scratch = state
     n = key_codes.shape[0]
     key_scales, value_scales = meta[:n], meta[n:2 * n]
     halves_to_float32(key_scale_bits.reshape(n), key_scales)
     halves_to_float32(value_scale_bits.reshape(n), value_scales)
-    _scores(q_group, key_codes, scores, 0)
+    _scores(q_group, key_codes, scores, 0, keys_ahead)
     for g in range(scores.shape[0]):
         for t in range(n):
             scores[g, t] *= key_scales[t]
@@ -422,7 +471,7 @@ def _fold_scaled_tile(q_group, key_codes, key_scale_bits, value_codes, value_sca
     for g in range(scores.shape[0]):
         for t in range(n):
             scores[g, t] *= value_scales[t]
-    _accumulate_values(scores, 0, value_codes, acc)
+    _accumulate_values(scores, 0, value_codes, acc, values_ahead)
 
 
 @njit(parallel=True, cache=True)
@@ -453,14 +502,14 @@ def _decode_int8_kernel(q, key_codes, key_scale, key_zero, value_codes, value_sc
             if tile == n_tiles:
                 n_tail = lengths[b] - n_q
                 _fold_tile(q_group, tail_keys[r, h, :n_tail], tail_values[r, h, :n_tail],
-                           state)
+                           state, tail_keys[r, h, :0], tail_values[r, h, :0])
                 continue
             start, end = tile * TILE, min(tile * TILE + TILE, n_q)
             n = end - start
-            if scaled_codes:
+            if scaled_codes:  # no prefetch: at a quarter of the bytes, arithmetic is the limit
                 _fold_scaled_tile(q_group, key_codes[r, h, start:end], key_scale[r, h, start:end],
                                   value_codes[r, h, start:end], value_scale[r, h, start:end],
-                                  state, meta)
+                                  state, meta, key_codes[r, h, :0], value_codes[r, h, :0])
                 continue
             if key_token_group > 0:
                 _dequantize_channels(key_codes[r, h, start:end], key_scale[r, h],
@@ -471,7 +520,7 @@ def _decode_int8_kernel(q, key_codes, key_scale, key_zero, value_codes, value_sc
                                    key_zero[r, h, start:end], has_zero, meta, k_tile[:n])
             _dequantize_tokens(value_codes[r, h, start:end], value_scale[r, h, start:end],
                                value_zero[r, h, start:end], has_zero, meta, v_tile[:n])
-            _fold_tile(q_group, k_tile[:n], v_tile[:n], state)
+            _fold_tile(q_group, k_tile[:n], v_tile[:n], state, k_tile[:0], v_tile[:0])
         m_out[item], l_out[item], acc_out[item] = state[0], state[1], state[2]
     return _merge_splits(m_out, l_out, acc_out, n_kv_heads, n_splits)
 
@@ -505,7 +554,8 @@ def _check_decode(q, n_seq: int, n_kv_heads: int, head_dim: int, lengths, capaci
 
 
 def decode_contiguous(q: np.ndarray, keys: np.ndarray, values: np.ndarray, rows, lengths,
-                      scale: float | None = None, n_splits: int | None = None) -> np.ndarray:
+                      scale: float | None = None, n_splits: int | None = None,
+                      prefetch: bool = True) -> np.ndarray:
     """Decode attention over one layer of a `ContiguousCache`.
 
     Args:
@@ -515,6 +565,8 @@ def decode_contiguous(q: np.ndarray, keys: np.ndarray, values: np.ndarray, rows,
         lengths: [B] tokens to attend over per sequence (the new one included), >= 1.
         scale: multiplier of q . k (default 1 / sqrt(head_dim)).
         n_splits: split-K ranges per (sequence, KV head); default `choose_splits`.
+        prefetch: prefetch the next tile of K and V while computing one (True), or rely on
+            the hardware prefetcher alone (False, for comparison).
     Returns:
         [B, n_heads, head_dim] float32.
     """
@@ -527,11 +579,12 @@ def decode_contiguous(q: np.ndarray, keys: np.ndarray, values: np.ndarray, rows,
     if n_splits is None:
         n_splits = choose_splits(len(rows) * keys.shape[1], int(lengths.max(initial=1)))
     return _decode_contiguous_kernel(np.ascontiguousarray(q), keys, values, rows, lengths,
-                                     np.float32(scale), n_splits)
+                                     np.float32(scale), n_splits, prefetch)
 
 
 def decode_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, block_table, lengths,
-                 scale: float | None = None, n_splits: int | None = None) -> np.ndarray:
+                 scale: float | None = None, n_splits: int | None = None,
+                 prefetch: bool = True) -> np.ndarray:
     """Decode attention over one layer of a paged block pool.
 
     Args:
@@ -540,7 +593,7 @@ def decode_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, block_tabl
         block_table: [B, max_blocks] int; token t of sequence b lives in block
             block_table[b, t // block_size] at offset t % block_size.
         lengths: [B] tokens to attend over per sequence (the new one included), >= 1.
-        scale, n_splits: as in `decode_contiguous`.
+        scale, n_splits, prefetch: as in `decode_contiguous`.
     Returns:
         [B, n_heads, head_dim] float32.
     """
@@ -561,7 +614,7 @@ def decode_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, block_tabl
     if n_splits is None:
         n_splits = choose_splits(len(lengths) * keys.shape[1], int(lengths.max(initial=1)))
     return _decode_paged_kernel(np.ascontiguousarray(q), keys, values, block_table, lengths,
-                                np.float32(scale), n_splits)
+                                np.float32(scale), n_splits, prefetch)
 
 
 def decode_int8(q: np.ndarray, key_codes, key_scale, key_zero, value_codes, value_scale,
