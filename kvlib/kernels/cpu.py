@@ -16,9 +16,9 @@ query heads sharing one KV head (grouped-query attention). What makes them fast:
 * **SIMD inner loops.** Dot products and value sums take four tokens per step, and the
   exponential is a polynomial the compiler vectorises (`exp_nonpositive`), not one
   C-library call per score.
-* **Software prefetch.** While one tile is computed, the next tile's keys and values (the
-  next block, for the paged cache) are requested from memory, so the core does not wait
-  for DRAM at every tile and every block.
+* **Software prefetch.** While one tile is computed, the next tile's keys and values (for
+  the paged cache, the block half a tile ahead, found through the block table) are
+  requested from memory, so the core does not wait for DRAM at every tile and block.
 * **Parallel over (sequence, KV head), and split-K.** Work items run on Numba's threads
   (`prange`), each with its own private state. When there are too few items to keep
   every thread busy, each item's context is cut into `n_splits` ranges processed in
@@ -333,7 +333,8 @@ def _decode_paged_kernel(q, keys, values, block_table, lengths, scale, n_splits,
     n_kv_heads, block_size = keys.shape[1], keys.shape[2]
     n_group = n_heads // n_kv_heads
     per_tile = max(1, TILE // block_size)      # blocks whose scores share one softmax update
-    ahead = block_size if prefetch else 0      # rows of the following block to prefetch
+    ahead = block_size if prefetch else 0      # rows of a following block to prefetch
+    lead = max(1, per_tile // 2)               # ... which is half a tile ahead
     n_items = n_seq * n_kv_heads * n_splits
     m_out, l_out, acc_out = _partials(n_items, n_group, head_dim)
     for item in prange(n_items):
@@ -349,14 +350,14 @@ def _decode_paged_kernel(q, keys, values, block_table, lengths, scale, n_splits,
             end_block = min(first_block + per_tile, n_blocks)
             for i in range(first_block, end_block):  # the block-table walk: scores first
                 used = min(block_size, lengths[b] - i * block_size)  # last block: partial
-                following = block_table[b, min(i + 1, n_blocks - 1)]  # prefetched meanwhile
+                following = block_table[b, min(i + lead, n_blocks - 1)]  # prefetched meanwhile
                 _scores(q_group, keys[block_table[b, i], h, :used], scores,
                         (i - first_block) * block_size, keys[following, h, :ahead])
             n = min(lengths[b], end_block * block_size) - first_block * block_size
             _softmax_update(scores, n, m, l, acc, scratch)
             for i in range(first_block, end_block):  # then the values, walking the same blocks
                 used = min(block_size, lengths[b] - i * block_size)
-                following = block_table[b, min(i + 1, n_blocks - 1)]
+                following = block_table[b, min(i + lead, n_blocks - 1)]
                 _accumulate_values(scores, (i - first_block) * block_size,
                                    values[block_table[b, i], h, :used], acc,
                                    values[following, h, :ahead])
