@@ -17,7 +17,7 @@ import numpy as np
 from .cache import ContiguousCache, PagedCache
 from .cache.quantized import QuantizedCache, QuantScheme
 from .errors import ConfigError
-from .roofline import Roofline, Traffic, attention_traffic
+from .roofline import Roofline, Traffic, attention_traffic, call_times
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,7 @@ def filled_cache(backend: AttentionBackend, batch: int, context: int, n_kv_heads
 
 def time_call(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of `repeats` calls of fn, after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median(call_times(fn, repeats)))
 
 
 def bench_attention(backends, batches, contexts, roof: Roofline, n_heads: int = 9,

@@ -95,15 +95,20 @@ def fma_peak(n_threads, n_iter):
     return out
 
 
-def _best_time(fn, repeats: int) -> float:
-    """Fastest of `repeats` calls (the first call, which compiles or warms up, is not timed)."""
+def call_times(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, after one untimed call (compile, warm-up)."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def _best_time(fn, repeats: int) -> float:
+    """Fastest of `repeats` timed calls: the machine's best, for its roofs."""
+    return min(call_times(fn, repeats))
 
 
 @dataclass(frozen=True)
