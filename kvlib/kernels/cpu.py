@@ -116,11 +116,16 @@ def _prefetch(typingctx, array, index):
 
 
 @njit(cache=True)
-def _prefetch_row(rows, i):
-    """Prefetch every 64-byte cache line of rows[i] (rows: a C-contiguous [n, d] array)."""
+def _prefetch_rows(rows, first, count):
+    """Prefetch every 64-byte cache line of rows[first:first + count] that exists.
+
+    Args:
+        rows: a C-contiguous [m, d] array (the rows of the next tile or block).
+    """
     width = rows.shape[1]
-    for e in range(0, width, max(1, 64 // rows.itemsize)):
-        _prefetch(rows, i * width + e)
+    for i in range(first, min(first + count, rows.shape[0])):
+        for e in range(0, width, max(1, 64 // rows.itemsize)):
+            _prefetch(rows, i * width + e)
 
 
 @njit(cache=True, fastmath=LANES_FM)
@@ -139,8 +144,7 @@ def _scores(q_group, keys, scores, offset, ahead):
     n_group, head_dim = q_group.shape
     t = 0
     while t + UNROLL <= n:
-        for a in range(t, min(t + UNROLL, ahead.shape[0])):
-            _prefetch_row(ahead, a)
+        _prefetch_rows(ahead, t, UNROLL)
         for g in range(n_group):
             s0 = s1 = s2 = s3 = np.float32(0.0)
             for j in range(head_dim):
@@ -203,8 +207,7 @@ def _accumulate_values(weights, offset, values, acc, ahead):
     n_group, head_dim = acc.shape
     t = 0
     while t + UNROLL <= n:
-        for a in range(t, min(t + UNROLL, ahead.shape[0])):
-            _prefetch_row(ahead, a)
+        _prefetch_rows(ahead, t, UNROLL)
         for g in range(n_group):
             w0, w1 = weights[g, offset + t], weights[g, offset + t + 1]
             w2, w3 = weights[g, offset + t + 2], weights[g, offset + t + 3]
