@@ -108,10 +108,12 @@ class GreedyRun:
     Attributes:
         tokens: [batch, n_new] the argmax token of every step.
         gaps: [batch, n_new] the top-two logit gap (`top2_gap`) of every step.
+        logits: [batch, n_new, vocab] float32 logits of every step.
     """
 
     tokens: np.ndarray
     gaps: np.ndarray
+    logits: np.ndarray
 
 
 def greedy_run(model, prompts, cache, n_new: int, forced=None) -> GreedyRun:
@@ -133,14 +135,26 @@ def greedy_run(model, prompts, cache, n_new: int, forced=None) -> GreedyRun:
     cache.reset()
     seqs = [cache.new_sequence() for _ in prompts]
     logits = model.forward([np.asarray(p) for p in prompts], cache, seqs)
-    tokens, gaps = [], []
+    steps = []
     for step in range(n_new):
-        tokens.append(logits.argmax(axis=-1))
-        gaps.append(top2_gap(logits))
+        steps.append(logits)
         if step + 1 < n_new:
-            feed = tokens[-1] if forced is None else np.asarray(forced)[:, step]
+            feed = logits.argmax(axis=-1) if forced is None else np.asarray(forced)[:, step]
             logits = model.forward([np.array([t]) for t in feed], cache, seqs)
-    return GreedyRun(np.stack(tokens, axis=1), np.stack(gaps, axis=1))
+    logits = np.stack(steps, axis=1)
+    return GreedyRun(logits.argmax(axis=-1), top2_gap(logits), logits)
+
+
+def token_exact_margin(run: GreedyRun, other: GreedyRun) -> tuple[float, float]:
+    """(largest |logit difference|, smallest top-two gap of `run`) over two runs.
+
+    `other` must have been decoded along `run`'s tokens (`forced=run.tokens`). When the
+    largest difference is below half the smallest gap, no rounding between the two runs
+    could have changed a greedy choice: the token-exact result is safe, not lucky.
+    """
+    if run.logits.shape != other.logits.shape:
+        raise ConfigError("the two runs decoded different numbers of prompts or steps")
+    return float(np.abs(run.logits - other.logits).max()), float(run.gaps.min())
 
 
 def agreement_lengths(run: GreedyRun, reference: GreedyRun) -> np.ndarray:

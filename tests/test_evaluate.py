@@ -7,7 +7,7 @@ from kvlib.cache import ContiguousCache, QuantizedCache, QuantScheme
 from kvlib.errors import ConfigError
 from kvlib.evaluate import (EVAL_TEXT_PATH, GreedyRun, TeacherForced, agreement_lengths,
                             capture_kv, eval_text, greedy_run, log_softmax, teacher_forced,
-                            top1_agreement, top2_gap)
+                            token_exact_margin, top1_agreement, top2_gap)
 
 TEXT = ("Engineers respond with the same tools that have served computing for decades: they "
         "arrange the record so that it can be read in long, orderly runs, and they store "
@@ -69,11 +69,13 @@ def test_greedy_run_matches_generate_and_forcing_finds_first_difference(model, i
     # forcing a run along its own tokens repeats it bit for bit: full agreement
     same = greedy_run(model, prompts, cache, n_new, forced=run.tokens)
     assert agreement_lengths(same, run).tolist() == [n_new, n_new]
+    assert token_exact_margin(run, same)[0] == 0
+    assert token_exact_margin(run, same)[1] == run.gaps.min() >= 0
     # a reference that differs at step 3 of row 0 and step 0 of row 1
     other = run.tokens.copy()
     other[0, 3] = (other[0, 3] + 1) % model.config.vocab_size
     other[1, 0] = (other[1, 0] + 1) % model.config.vocab_size
-    reference = GreedyRun(other, run.gaps)
+    reference = GreedyRun(other, run.gaps, run.logits)
     forced = greedy_run(model, prompts, cache, n_new, forced=other)
     assert agreement_lengths(forced, reference).tolist() == [3, 0]
 
