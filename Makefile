@@ -16,7 +16,7 @@ export OPENBLAS_THREAD_TIMEOUT ?= 4
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test env exercises clean
+.PHONY: book test env exercises stress clean
 
 env: $(STAMP)
 
@@ -34,6 +34,11 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider chapters exercises
+
+# Every notebook twice, beside a busy process at nice 10, and with other BLAS kernels
+# (docs/decisions.md, claims policy); report in _build/stress. Takes about an hour.
+stress: $(STAMP)
+	$(BIN)/python tools/stress.py
 
 exercises: $(STAMP)
 	$(BIN)/python tools/make_student.py

@@ -90,23 +90,83 @@ def top1_agreement(a: TeacherForced, b: TeacherForced) -> float:
     return float(np.mean(a.predictions == b.predictions))
 
 
-def greedy_agreement_length(model, prompt, reference, cache) -> int:
-    """Tokens that greedy decoding with `cache` produces identically to `reference`.
+def top2_gap(logits: np.ndarray) -> np.ndarray:
+    """Margin of the greedy choice: largest minus second-largest logit, over the last axis.
 
-    Decodes greedily after `prompt`, one token per step, and stops at the first token
-    that differs from `reference` (the float32 cache's greedy continuation); up to that
-    point both runs have seen the same tokens, so this is the length of their common
-    prefix. Returns len(reference) if they never differ.
+    A token-exact proof (two runs pick the same tokens) is only as safe as this margin is
+    large against the logit differences between the runs: a gap of 0.01 can flip under
+    float32 rounding, a gap of 1 cannot.
     """
+    top = np.partition(np.asarray(logits, dtype=np.float32), -2, axis=-1)
+    return top[..., -1] - top[..., -2]
+
+
+@dataclass
+class GreedyRun:
+    """Greedy decoding of a batch of prompts, one token per step.
+
+    Attributes:
+        tokens: [batch, n_new] the argmax token of every step.
+        gaps: [batch, n_new] the top-two logit gap (`top2_gap`) of every step.
+        logits: [batch, n_new, vocab] float32 logits of every step.
+    """
+
+    tokens: np.ndarray
+    gaps: np.ndarray
+    logits: np.ndarray
+
+
+def greedy_run(model, prompts, cache, n_new: int, forced=None) -> GreedyRun:
+    """Decode `n_new` tokens after each prompt, all prompts together, one token per step.
+
+    Without `forced`, each step feeds back its own argmax (greedy decoding; end-of-text
+    tokens do not stop it). With `forced` ([batch, n_new] token ids, e.g. another cache's
+    greedy run) each step feeds the forced token instead and still records the argmax:
+    up to the first step where the argmax differs from the forced token, both runs have
+    seen the same tokens, so that step is where greedy decoding would part ways.
+
+    Args:
+        model: a `Model` (or `Llama`) with `forward`.
+        prompts: list of token-id lists.
+        cache: a cache with room for every prompt + n_new tokens; it is reset first.
+    """
+    if n_new < 1:
+        raise ConfigError(f"n_new must be at least 1, got {n_new}")
     cache.reset()
-    seq = cache.new_sequence()
-    logits = model.forward([np.asarray(prompt)], cache, [seq])
-    for i, token in enumerate(reference):
-        if int(logits[0].argmax()) != int(token):
-            return i
-        if i + 1 < len(reference):
-            logits = model.forward([np.array([token])], cache, [seq])
-    return len(reference)
+    seqs = [cache.new_sequence() for _ in prompts]
+    logits = model.forward([np.asarray(p) for p in prompts], cache, seqs)
+    steps = []
+    for step in range(n_new):
+        steps.append(logits)
+        if step + 1 < n_new:
+            feed = logits.argmax(axis=-1) if forced is None else np.asarray(forced)[:, step]
+            logits = model.forward([np.array([t]) for t in feed], cache, seqs)
+    logits = np.stack(steps, axis=1)
+    return GreedyRun(logits.argmax(axis=-1), top2_gap(logits), logits)
+
+
+def token_exact_margin(run: GreedyRun, other: GreedyRun) -> tuple[float, float]:
+    """(largest |logit difference|, smallest top-two gap of `run`) over two runs.
+
+    `other` must have been decoded along `run`'s tokens (`forced=run.tokens`). When the
+    largest difference is below half the smallest gap, no rounding between the two runs
+    could have changed a greedy choice: the token-exact result is safe, not lucky.
+    """
+    if run.logits.shape != other.logits.shape:
+        raise ConfigError("the two runs decoded different numbers of prompts or steps")
+    return float(np.abs(run.logits - other.logits).max()), float(run.gaps.min())
+
+
+def agreement_lengths(run: GreedyRun, reference: GreedyRun) -> np.ndarray:
+    """[batch] steps before `run` first picks a token other than `reference`'s.
+
+    `run` must have been decoded with `forced=reference.tokens`. A row that never
+    differs counts all n_new steps.
+    """
+    if run.tokens.shape != reference.tokens.shape:
+        raise ConfigError("the two runs decoded different numbers of prompts or steps")
+    differs = run.tokens != reference.tokens
+    return np.where(differs.any(axis=1), differs.argmax(axis=1), differs.shape[1])
 
 
 class _QueryRecorder(ContiguousCache):

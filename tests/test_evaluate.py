@@ -5,8 +5,9 @@ import pytest
 
 from kvlib.cache import ContiguousCache, QuantizedCache, QuantScheme
 from kvlib.errors import ConfigError
-from kvlib.evaluate import (EVAL_TEXT_PATH, TeacherForced, capture_kv, eval_text, greedy_agreement_length,
-                            log_softmax, teacher_forced, top1_agreement)
+from kvlib.evaluate import (EVAL_TEXT_PATH, GreedyRun, TeacherForced, agreement_lengths,
+                            capture_kv, eval_text, greedy_run, log_softmax, teacher_forced,
+                            token_exact_margin, top1_agreement, top2_gap)
 
 TEXT = ("Engineers respond with the same tools that have served computing for decades: they "
         "arrange the record so that it can be read in long, orderly runs, and they store "
@@ -56,13 +57,32 @@ def test_int2_per_token_keys_hurt_more_than_per_channel(model, ids, reference):
     assert reference.perplexity < per["channel"] < per["token"]
 
 
-def test_greedy_agreement_length(model, ids):
-    prompt = ids[:20]
-    cache = ContiguousCache.from_config(model.config, 1, 40)
-    tokens = model.generate([prompt], cache=cache, max_new_tokens=8)[0].token_ids
-    assert greedy_agreement_length(model, prompt, tokens, cache) == len(tokens)
-    wrong = [tokens[0], (tokens[1] + 1) % model.config.vocab_size] + tokens[2:]
-    assert greedy_agreement_length(model, prompt, wrong, cache) == 1
+def test_greedy_run_matches_generate_and_forcing_finds_first_difference(model, ids):
+    prompts = [ids[:20], ids[30:41]]
+    n_new = 6
+    cache = ContiguousCache.from_config(model.config, 2, 40)
+    generated = [r.token_ids for r in model.generate(prompts, cache=cache,
+                                                     max_new_tokens=n_new)]
+    run = greedy_run(model, prompts, cache, n_new)
+    assert [list(t[:len(g)]) for t, g in zip(run.tokens, generated)] == generated
+    assert (run.gaps >= 0).all() and run.gaps.shape == (2, n_new)
+    # forcing a run along its own tokens repeats it bit for bit: full agreement
+    same = greedy_run(model, prompts, cache, n_new, forced=run.tokens)
+    assert agreement_lengths(same, run).tolist() == [n_new, n_new]
+    assert token_exact_margin(run, same)[0] == 0
+    assert token_exact_margin(run, same)[1] == run.gaps.min() >= 0
+    # a reference that differs at step 3 of row 0 and step 0 of row 1
+    other = run.tokens.copy()
+    other[0, 3] = (other[0, 3] + 1) % model.config.vocab_size
+    other[1, 0] = (other[1, 0] + 1) % model.config.vocab_size
+    reference = GreedyRun(other, run.gaps, run.logits)
+    forced = greedy_run(model, prompts, cache, n_new, forced=other)
+    assert agreement_lengths(forced, reference).tolist() == [3, 0]
+
+
+def test_top2_gap():
+    logits = np.array([[1.0, 3.0, 2.5], [0.0, -1.0, 0.0]], dtype=np.float32)
+    assert top2_gap(logits).tolist() == [0.5, 0.0]
 
 
 def test_capture_kv_undoes_rope_exactly(model, ids):

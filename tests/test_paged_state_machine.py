@@ -56,7 +56,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
 
     def _books(self):
         c, p = self.cache, self.cache.pool
-        return (c.keys.copy(), c.block_tables.copy(), c.lengths.copy(), p.refcounts.copy(),
+        return (c.keys.copy(), c.values.copy(), c.block_tables.copy(), c.lengths.copy(), p.refcounts.copy(),
                 p.free_stack[:p.n_free].copy(), p.has_key.copy())
 
     # --- rules -----------------------------------------------------------------------
@@ -137,8 +137,12 @@ class PagedCacheMachine(RuleBasedStateMachine):
             assert c.length(seq) == n
             assert len(c.block_table(seq)) == -(-n // c.block_size)
             slots = c.slot_mapping(seq, np.arange(n))
-            got = c.keys[0, slots // c.block_size, 0, slots % c.block_size]
-            np.testing.assert_array_equal(got[:, 0], token_values(tokens))
+            blocks, offsets = slots // c.block_size, slots % c.block_size
+            want = token_values(tokens)
+            # keys hold the token values, values their negatives: a copy-on-write that
+            # moved only one of the two arrays fails here
+            np.testing.assert_array_equal(c.keys[0, blocks, 0, offsets][:, 0], want)
+            np.testing.assert_array_equal(c.values[0, blocks, 0, offsets][:, 0], -want)
 
     def teardown(self):
         if not hasattr(self, "cache"):

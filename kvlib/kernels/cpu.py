@@ -95,6 +95,12 @@ def exp_nonpositive(x, n, scratch):
         x[i] *= powers[i]
 
 
+# LLVM's locality hint: 3 = keep in every cache level (x86 `prefetcht0`, into L1),
+# 2 = into L2 and below (`prefetcht1`). Prefetching a whole tile of K and V ahead is
+# about as large as L1 itself, so lines sent to L1 evict the ones in use (chapter 8).
+PREFETCH_LOCALITY = 2
+
+
 @intrinsic
 def _prefetch(typingctx, array, index):
     """Ask the CPU to start loading the cache line holding array.flat[index] (no wait).
@@ -110,7 +116,7 @@ def _prefetch(typingctx, array, index):
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
             "llvm.prefetch.p0")
-        builder.call(fn, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        builder.call(fn, [address, i32(0), i32(PREFETCH_LOCALITY), i32(1)])  # read, data
         return context.get_dummy_value()
     return types.void(array, index), codegen
 
