@@ -38,10 +38,9 @@ def copy_mathjax(app, exception) -> None:
 
 def drop_thebe(app) -> None:
     """Disconnect sphinx-thebe's script injection (the book does not use Thebe)."""
-    for event, listeners in app.events.listeners.items():
-        for listener in list(listeners):
-            if getattr(listener.handler, "__module__", "") == "sphinx_thebe":
-                app.disconnect(listener.id)
+    for listener in list(app.events.listeners.get("env-before-read-docs", [])):
+        if getattr(listener.handler, "__qualname__", "") == "init_thebe_core":
+            app.disconnect(listener.id)
 
 
 def _plain(latex: str) -> str:

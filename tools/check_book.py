@@ -38,6 +38,7 @@ from playwright.sync_api import sync_playwright
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1280, "height": 900}
+TIMEOUT_MS = 180_000               # a page of the book, MathJax included, on a busy machine
 FORBIDDEN_TEXT = ("Traceback", "{glue", "BEGIN HIDDEN")
 SKIP_DIRS = {"_static", "_sources", "_images", "_downloads", ".doctrees", ".jupyter_cache",
              "jupyter_execute"}
@@ -76,9 +77,18 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_port}/"
 
 
+REDIRECT = re.compile(r'<meta http-equiv="Refresh" content="0; url=([^"]+)"', re.I)
+
+
 def book_pages(html: Path) -> list[Path]:
-    return sorted(p for p in html.rglob("*.html")
-                  if not SKIP_DIRS.intersection(p.relative_to(html).parts))
+    """Every page of the build; a redirect page (index.html) is replaced by its target."""
+    pages = set()
+    for path in html.rglob("*.html"):
+        if SKIP_DIRS.intersection(path.relative_to(html).parts):
+            continue
+        redirect = REDIRECT.search(path.read_text(errors="replace")[:1000])
+        pages.add((path.parent / redirect.group(1)).resolve() if redirect else path)
+    return sorted(pages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,6 +162,7 @@ def main() -> int:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
             context = browser.new_context(viewport=VIEWPORT)
+            context.set_default_timeout(TIMEOUT_MS)
 
             def only_local(route):
                 if route.request.url.startswith(base):
