@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (Python 3.11, git, make):
 #   make book   build the book into _build/html (executes every notebook)
 #   make test   run the unit tests and execute every notebook with nbval
+#   make check-book   open every page of the built book in headless Chromium (after make book)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,7 +17,7 @@ export OPENBLAS_THREAD_TIMEOUT ?= 4
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: book test env exercises stress clean
+.PHONY: book test env exercises stress check-book clean
 
 env: $(STAMP)
 
@@ -42,6 +43,10 @@ stress: $(STAMP)
 
 exercises: $(STAMP)
 	$(BIN)/python tools/make_student.py
+
+# Needs Debian's chromium (/usr/bin/chromium); .ci/run installs it when it is missing.
+check-book: $(STAMP)
+	$(BIN)/python tools/check_book.py _build/html
 
 clean:
 	rm -rf _build

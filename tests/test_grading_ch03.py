@@ -1,54 +1,100 @@
-"""Chapter 3's graders pass the reference solutions and catch the classic mistakes."""
+"""Chapter 3's graders pass the notebook's solutions and reject plausible wrong answers,
+each with a message that points at the mistake."""
 
 import numpy as np
+import pytest
 
+from exercise_solutions import solutions
 from kvlib import masks
-from kvlib.batching import own_positions
 from kvlib.grading.ch03 import (grade_causal_mask, grade_own_positions,
                                 grade_padded_attention_mask, grade_padding_mask,
-                                grade_ragged_mask)
+                                grade_ragged_mask, grade_tril_bug)
+
+SOLUTION = solutions("ex03_masks")
 
 
-def test_reference_solutions_pass():
-    for report in (grade_causal_mask(masks.causal_mask),
-                   grade_padding_mask(masks.padding_mask),
-                   grade_own_positions(own_positions),
-                   grade_padded_attention_mask(masks.padded_attention_mask),
-                   grade_ragged_mask(masks.ragged_mask)):
+def test_the_solutions_pass():
+    for report in (grade_causal_mask(SOLUTION.causal_mask),
+                   grade_padding_mask(SOLUTION.padding_mask),
+                   grade_own_positions(SOLUTION.own_positions),
+                   grade_padded_attention_mask(SOLUTION.padded_attention_mask),
+                   grade_ragged_mask(SOLUTION.ragged_mask),
+                   grade_tril_bug(SOLUTION.hidden_by_mistake)):
         assert report.ok, report
 
 
-def test_top_left_causal_mask_fails_and_says_why():
-    report = grade_causal_mask(lambda n_new, n_past: np.tril(np.ones((n_new, n_past + n_new),
-                                                                     dtype=bool)))
-    assert not report.ok and "top-left" in str(report)
+@pytest.mark.parametrize("wrong, words", [
+    (lambda n_new, n_past: np.tril(np.ones((n_new, n_past + n_new), dtype=bool)), "top-left"),
+    (lambda n_new, n_past: ~SOLUTION.causal_mask(n_new, n_past), "swapped"),
+    (lambda n_new, n_past: SOLUTION.causal_mask(n_new, n_past).astype(int), "dtype"),
+    (masks.causal_mask, "kvlib's own kvlib.masks.causal_mask"),
+])
+def test_causal_mask_mistakes(wrong, words):
+    report = grade_causal_mask(wrong)
+    assert not report.ok and words in str(report), report
 
 
-def test_right_padding_fails_and_says_why():
-    report = grade_padding_mask(lambda lengths, width: masks.padding_mask(lengths, width, "right"))
-    assert not report.ok and "pads are on the right" in str(report)
+def right_padding(lengths, width):
+    return np.arange(width)[None, :] < np.asarray(lengths)[:, None]
 
 
-def test_column_positions_fail_and_say_why():
-    report = grade_own_positions(lambda is_real: np.broadcast_to(
-        np.arange(is_real.shape[1]), is_real.shape).copy())
-    assert not report.ok and "padded column indices" in str(report)
-    report = grade_own_positions(lambda is_real: np.cumsum(is_real, axis=1) - 1)
-    assert not report.ok and "position 0" in str(report)
+@pytest.mark.parametrize("wrong, words", [
+    (right_padding, "pads are on the right"),
+    (lambda lengths, width: ~SOLUTION.padding_mask(lengths, width), "entries wrong"),
+    (lambda lengths, width: SOLUTION.padding_mask(lengths, width)[:, 1:], "shape"),
+    (lambda lengths, width: masks.padding_mask(lengths, width), "kvlib's own"),
+])
+def test_padding_mask_mistakes(wrong, words):
+    report = grade_padding_mask(wrong)
+    assert not report.ok and words in str(report), report
 
 
-def test_missing_padding_mask_fails_and_says_why():
-    def causal_only(is_real, n_new):
-        width = is_real.shape[1]
-        return np.broadcast_to(masks.causal_mask(n_new, width - n_new),
-                               (len(is_real), n_new, width)).copy()
-    report = grade_padded_attention_mask(causal_only)
-    assert not report.ok and "padding is not masked" in str(report)
+@pytest.mark.parametrize("wrong, words", [
+    (lambda is_real: np.broadcast_to(np.arange(is_real.shape[1]), is_real.shape).copy(),
+     "padded column indices"),
+    (lambda is_real: np.cumsum(is_real, axis=1) - 1, "position 0"),
+    (lambda is_real: np.cumsum(is_real, axis=1), "off by one"),
+])
+def test_own_positions_mistakes(wrong, words):
+    report = grade_own_positions(wrong)
+    assert not report.ok and words in str(report), report
 
 
-def test_one_triangle_for_all_packed_sequences_fails():
-    report = grade_ragged_mask(lambda counts: masks.causal_mask(sum(counts)))
-    assert not report.ok and "sequences see each other" in str(report)
+def causal_only(is_real, n_new):
+    width = is_real.shape[1]
+    return np.broadcast_to(SOLUTION.causal_mask(n_new, width - n_new),
+                           (len(is_real), n_new, width)).copy()
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (causal_only, "padding is not masked"),
+    (lambda is_real, n_new: np.broadcast_to(is_real[:, None, :], (len(is_real), n_new,
+                                                                  is_real.shape[1])).copy(),
+     "causal mask is missing"),
+    (lambda is_real, n_new: SOLUTION.padded_attention_mask(is_real, n_new)[0], "shape"),
+])
+def test_padded_attention_mask_mistakes(wrong, words):
+    report = grade_padded_attention_mask(wrong)
+    assert not report.ok and words in str(report), report
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda counts: SOLUTION.causal_mask(sum(counts)), "sequences see each other"),
+    (lambda counts: np.eye(sum(counts), dtype=bool), "wrong"),
+    (lambda counts: masks.ragged_mask(counts), "kvlib's own"),
+])
+def test_ragged_mask_mistakes(wrong, words):
+    report = grade_ragged_mask(wrong)
+    assert not report.ok and words in str(report), report
+
+
+@pytest.mark.parametrize("answer, words", [
+    (0, "sees only key 0"), (3, "both queries lose keys"), (2, "count the pairs"),
+    (..., "no prediction yet"),
+])
+def test_tril_bug_mistakes(answer, words):
+    report = grade_tril_bug(answer)
+    assert not report.ok and words in str(report), report
 
 
 def test_stubs_are_reported_as_not_implemented():
@@ -58,8 +104,3 @@ def test_stubs_are_reported_as_not_implemented():
                   grade_padded_attention_mask, grade_ragged_mask):
         report = grade(stub)
         assert report.not_implemented and "not implemented yet" in str(report)
-
-
-def test_a_crash_is_reported_not_raised():
-    report = grade_causal_mask(lambda n_new, n_past: 1 / 0)
-    assert not report.ok and "ZeroDivisionError" in str(report)

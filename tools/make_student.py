@@ -5,11 +5,16 @@ nbgrader:
 
     ### BEGIN SOLUTION          -> replaced by `raise NotImplementedError(...)`
     ### END SOLUTION
+    ### BEGIN ANSWER            -> removed (a prediction the reader writes on the line
+    ### END ANSWER                 above, `name = ...`)
     ### BEGIN HIDDEN TESTS      -> removed
     ### END HIDDEN TESTS
 
-The student versions are written to `exercises/student/` with outputs cleared and the
-`hide-input` tag (which hides solutions behind a click in the book) removed.
+The hidden tests sit in cells of their own tagged `remove-cell`, so the book does not
+show them; the graded cases themselves live in `kvlib.grading`. The student versions
+are written to `exercises/student/` with outputs cleared, the `hide-input` tag (which
+hides solutions behind a click in the book) removed, and the cells that are left empty
+or are tagged `book-only` (the link to the student version) dropped.
 
     python tools/make_student.py          # write the student versions
     python tools/make_student.py --check  # exit 1 if a committed version is stale
@@ -27,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = ROOT / "exercises"
 STUDENT_DIR = SOURCE_DIR / "student"
 STUB = 'raise NotImplementedError("your code here")'
-BLOCK = re.compile(r"^([ \t]*)### BEGIN (SOLUTION|HIDDEN TESTS)\n.*?^[ \t]*### END \2\n?",
+BLOCK = re.compile(r"^([ \t]*)### BEGIN (SOLUTION|ANSWER|HIDDEN TESTS)\n.*?^[ \t]*### END \2\n?",
                    re.M | re.S)
 
 
@@ -38,7 +43,7 @@ def strip_source(source: str) -> tuple[str, bool]:
     def replace(match: re.Match) -> str:
         nonlocal top_level_stub
         indent, kind = match.group(1), match.group(2)
-        if kind == "HIDDEN TESTS":
+        if kind != "SOLUTION":
             return ""
         top_level_stub |= indent == ""
         return f"{indent}{STUB}\n"
@@ -50,9 +55,13 @@ def student_notebook(nb: dict) -> dict:
     cells = []
     for cell in nb["cells"]:
         cell = json.loads(json.dumps(cell))
+        if "book-only" in cell.get("metadata", {}).get("tags", []):
+            continue
         source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
         if cell["cell_type"] == "code":
             source, top_level_stub = strip_source(source)
+            if not source.strip():
+                continue
             cell["outputs"], cell["execution_count"] = [], None
             tags = [t for t in cell.get("metadata", {}).get("tags", []) if t != "hide-input"]
             if top_level_stub:

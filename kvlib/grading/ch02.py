@@ -15,7 +15,7 @@ import numpy as np
 from ..cache import ContiguousCache
 from ..errors import CapacityError
 from ..model.generate import generate
-from . import Report, run_cases
+from . import Report, grade_prediction, refuses_kvlib, run_cases
 
 
 def _reference_append(keys, lengths, rows, counts, new):
@@ -29,6 +29,7 @@ def _reference_append(keys, lengths, rows, counts, new):
     return cache.keys[0], cache.lengths
 
 
+@refuses_kvlib()
 def grade_append_packed(append_packed: Callable) -> Report:
     """Grade `append_packed(keys, lengths, rows, counts, new)`.
 
@@ -91,9 +92,49 @@ def grade_append_packed(append_packed: Callable) -> Report:
     return run_cases("append_packed", cases)
 
 
+class _RecordingModel:
+    """The model, with every `forward` call recorded as (tokens per sequence, cache)."""
+
+    def __init__(self, model):
+        self._model, self.calls = model, []
+
+    def forward(self, tokens, cache=None, seq_ids=None, all_logits=False):
+        self.calls.append(([len(t) for t in tokens], cache))
+        return self._model.forward(tokens, cache, seq_ids, all_logits)
+
+    @property
+    def llama(self):
+        return self                                           # model.llama.forward is recorded too
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _check_calls(calls, cache, n_prompt: int, n_new: int) -> str | None:
+    """None if the forward calls were one prefill of the prompt, then one token per step,
+    all through `cache`; else what the loop did instead."""
+    for step, (counts, used_cache) in enumerate(calls):
+        if used_cache is not cache:
+            return (f"forward call {step} ran without the cache: each step then recomputes "
+                    "the whole sequence; pass the cache to every call")
+    if [counts for counts, _ in calls[:1]] != [[n_prompt]]:
+        fed = calls[0][0] if calls else "nothing"
+        return (f"the first forward call (the prefill) must feed the {n_prompt} prompt "
+                f"tokens, fed {fed}")
+    for step, (counts, _) in enumerate(calls[1:], start=1):
+        if counts != [1]:
+            return (f"decode step {step} fed {counts} tokens: with the cache only the "
+                    "newest token is fed")
+    if len(calls) != n_new:
+        return (f"made {len(calls)} forward calls for {n_new} new tokens, expected one "
+                f"prefill and {n_new - 1} decode steps")
+    return None
+
+
 PROMPTS = [("The key/value cache of a transformer stores", False), ("Name a color.", True)]
 
 
+@refuses_kvlib()
 def grade_greedy_decode(greedy_decode: Callable, model) -> Report:
     """Grade `greedy_decode(model, prompt_ids, cache, max_new_tokens)` on the real model.
 
@@ -113,7 +154,8 @@ def grade_greedy_decode(greedy_decode: Callable, model) -> Report:
                 other = cache.new_sequence()
                 model.forward([prompt[:3]], cache, [other])
                 other_keys = cache.keys[:, other].copy()
-            got = greedy_decode(model, list(prompt), cache, n_new)
+            recording = _RecordingModel(model)
+            got = greedy_decode(recording, list(prompt), cache, n_new)
             got = [int(t) for t in got]
             want = generate(model.llama, [prompt], ContiguousCache.from_config(
                 model.config, 1, len(prompt) + n_new), max_new_tokens=n_new)[0].token_ids
@@ -122,6 +164,8 @@ def grade_greedy_decode(greedy_decode: Callable, model) -> Report:
             if got != want:
                 first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
                 return f"new token {first} is {got[first]}, greedy decoding gives {want[first]}"
+            if problem := _check_calls(recording.calls, cache, len(prompt), n_new):
+                return problem
             mine = [s for s in cache.sequences() if s != other]
             if len(mine) != 1:
                 return f"expected one new sequence in the cache, found {len(mine)}"
@@ -141,3 +185,26 @@ def grade_greedy_decode(greedy_decode: Callable, model) -> Report:
         ("another sequence already lives in the cache", case(*PROMPTS[0], 4, True)),
     ]
     return run_cases("greedy_decode", cases)
+
+
+def _tokens_fed(prompt_len: int, max_new_tokens: int, use_cache: bool) -> int:
+    """Tokens a greedy loop feeds the model, counted step by step."""
+    sequence, fed = prompt_len, 0
+    for step in range(max_new_tokens):
+        fed += sequence if (not use_cache or step == 0) else 1
+        sequence += 1
+    return fed
+
+
+def grade_tokens_fed(with_cache, without_cache) -> Report:
+    """Grade the predicted number of tokens fed to the model for a 100-token prompt and
+    50 new tokens, with the cache and without it (recomputing the whole sequence)."""
+    truth = (_tokens_fed(100, 50, True), _tokens_fed(100, 50, False))
+    answer = ... if ... in (with_cache, without_cache) else (with_cache, without_cache)
+    return grade_prediction("tokens_fed", answer, truth, [
+        ((150, truth[1]), "the last new token is never fed back: 100 + 49"),
+        ((truth[0], 50 * 100), "without the cache each step feeds the whole sequence so far, "
+                               "which grows by one token per step"),
+        ((truth[0], 50 * 150), "step i feeds 100 + i tokens, i = 0 ... 49: the longest "
+                               "step feeds 149 tokens, not 150"),
+    ])

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import masks
 from ..batching import own_positions
-from . import Report, run_cases
+from . import Report, grade_prediction, refuses_kvlib, run_cases
 
 
 def _compare_masks(got, want: np.ndarray, diagnose=None) -> str | None:
@@ -26,6 +26,7 @@ def _compare_masks(got, want: np.ndarray, diagnose=None) -> str | None:
             f"got {bool(got[tuple(wrong)])}, expected {bool(want[tuple(wrong)])}")
 
 
+@refuses_kvlib()
 def grade_causal_mask(causal_mask) -> Report:
     """`causal_mask(n_new, n_past)` -> [n_new, n_past + n_new], aligned bottom-right."""
     def case(n_new, n_past):
@@ -45,6 +46,7 @@ def grade_causal_mask(causal_mask) -> Report:
                                      case(6, 1), case(2, 30)])
 
 
+@refuses_kvlib()
 def grade_padding_mask(padding_mask) -> Report:
     """`padding_mask(lengths, width)` -> [B, width], left padding (pads first)."""
     def case(lengths, width):
@@ -62,6 +64,7 @@ def grade_padding_mask(padding_mask) -> Report:
                                       case([0, 2], 2), case([7, 3, 5, 1], 9)])
 
 
+@refuses_kvlib()
 def grade_own_positions(positions_fn) -> Report:
     """`own_positions(is_real)` -> [B, S] each real token's index in its own sequence."""
     def case(description, is_real):
@@ -81,6 +84,8 @@ def grade_own_positions(positions_fn) -> Report:
             if np.array_equal(got, np.broadcast_to(np.arange(is_real.shape[1]), want.shape)):
                 return ("these are the padded column indices: a sequence's first real "
                         "token must get position 0, however much padding precedes it")
+            if np.array_equal(got[is_real], want[is_real] + 1):
+                return "off by one: a sequence's first real token is at position 0, not 1"
             row = int(np.argwhere((got != want).any(axis=1))[0, 0])
             return f"row {row}: got {got[row].tolist()}, expected {want[row].tolist()}"
         return description, check
@@ -94,6 +99,7 @@ def grade_own_positions(positions_fn) -> Report:
     ])
 
 
+@refuses_kvlib()
 def grade_padded_attention_mask(mask_fn) -> Report:
     """`padded_attention_mask(is_real, n_new)` -> [B, n_new, S]: causal AND padding."""
     def case(description, is_real, n_new):
@@ -122,6 +128,7 @@ def grade_padded_attention_mask(mask_fn) -> Report:
     ])
 
 
+@refuses_kvlib()
 def grade_ragged_mask(ragged_mask) -> Report:
     """`ragged_mask(counts)` -> [N, N] block-diagonal causal mask of packed sequences."""
     def case(counts):
@@ -141,3 +148,17 @@ def grade_ragged_mask(ragged_mask) -> Report:
 
 __all__ = ["Report", "grade_causal_mask", "grade_padding_mask", "grade_own_positions",
            "grade_padded_attention_mask", "grade_ragged_mask"]
+
+
+def grade_tril_bug(hidden_by_mistake) -> Report:
+    """Grade the predicted number of (query, key) pairs that the top-left `np.tril` mask
+    wrongly hides when 2 new queries follow 3 cached keys (found by comparing masks)."""
+    buggy = np.tril(np.ones((2, 5), dtype=bool))
+    right = masks.causal_mask(2, 3)
+    truth = int((right & ~buggy).sum())
+    return grade_prediction("tril_bug", hidden_by_mistake, truth, [
+        (0, "np.tril of the [2, 5] rectangle keeps the diagonal starting at key 0, so query "
+            "0 sees only key 0 although it sits at position 3"),
+        (3, "both queries lose keys: query i sits at position 3 + i but sees keys 0 ... i"),
+        (2, "count the pairs hidden by mistake, not the queries affected"),
+    ])

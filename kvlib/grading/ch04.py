@@ -12,8 +12,8 @@ import numpy as np
 from ..cache import ContiguousCache
 from ..config import preset
 from ..memory import (GPU_MEMORY_BYTES, StorageType, kv_budget_bytes, kv_bytes_per_token,
-                      weights_bytes)
-from . import Report, run_cases
+                      max_context, weights_bytes)
+from . import Report, grade_prediction, refuses_kvlib, run_cases
 
 
 def _same_int(got, want: int) -> str | None:
@@ -27,6 +27,7 @@ def _same_int(got, want: int) -> str | None:
 _FLOAT_BYTES = {"fp32": 4, "fp16": 2}
 
 
+@refuses_kvlib()
 def grade_kv_bytes_per_token(fn) -> Report:
     """fn(n_layers, n_kv_heads, head_dim, bytes_per_value) -> bytes one token adds (MHA/GQA/MQA)."""
     cases = []
@@ -42,6 +43,7 @@ def grade_kv_bytes_per_token(fn) -> Report:
     return run_cases("kv_bytes_per_token", cases)
 
 
+@refuses_kvlib()
 def grade_mla_bytes_per_token(fn) -> Report:
     """fn(n_layers, kv_lora_rank, rope_head_dim, bytes_per_value) -> bytes per token (MLA)."""
     ds = preset("deepseek-v2")
@@ -52,10 +54,13 @@ def grade_mla_bytes_per_token(fn) -> Report:
             fn(ds.n_layers, ds.kv_lora_rank, ds.rope_head_dim, 4), kv_bytes_per_token(ds, "fp32"))),
         ("a latent is cached once per layer, not once per head (nor twice for K and V)",
          lambda: _same_int(fn(1, 8, 2, 1), 10)),
+        ("the shared RoPE key of rope_head_dim numbers is cached beside the latent",
+         lambda: _same_int(fn(2, 4, 3, 1), 14)),
     ]
     return run_cases("mla_bytes_per_token", cases)
 
 
+@refuses_kvlib()
 def grade_group_quantized_bytes(fn) -> Report:
     """fn(n, bits, group_size, scale_bytes, zero_bytes) -> bytes of one quantized vector."""
     cases = []
@@ -75,6 +80,7 @@ def grade_group_quantized_bytes(fn) -> Report:
     return run_cases("group_quantized_bytes", cases)
 
 
+@refuses_kvlib()
 def grade_max_context(fn) -> Report:
     """fn(gpu_bytes, weights_bytes, reserve, bytes_per_token, batch) -> longest context."""
     cases = []
@@ -92,11 +98,14 @@ def grade_max_context(fn) -> Report:
                       _same_int(fn(*a), int(want))))
     cases.append(("no reserve, room for exactly 10 tokens",
                   lambda: _same_int(fn(1000, 0, 0.0, 100, 1), 10)))
+    cases.append(("half the memory kept in reserve: room for 5 tokens",
+                  lambda: _same_int(fn(1000, 0, 0.5, 100, 1), 5)))
     cases.append(("room for 9.99 tokens rounds down",
                   lambda: _same_int(fn(1099, 100, 0.0, 100, 1), 9)))
     return run_cases("max_context", cases)
 
 
+@refuses_kvlib()
 def grade_contiguous_nbytes(fn) -> Report:
     """fn(n_layers, n_kv_heads, head_dim, max_batch, max_seq, itemsize) -> ContiguousCache.nbytes."""
     cases = []
@@ -106,7 +115,8 @@ def grade_contiguous_nbytes(fn) -> Report:
                                                   (1, 2, 4, 7, 3, np.float16)]:
         cache = ContiguousCache(layers, heads, dim, batch, seq, dtype)
         args = (layers, heads, dim, batch, seq, np.dtype(dtype).itemsize)
-        why = " (lengths and in_use are arrays too)" if batch > 1 and seq < 10 else ""
+        why = (" (lengths and in_use are arrays too)" if batch > 1 and seq < 10
+               else " (a keys AND a values array)")
         cases.append((f"ContiguousCache({layers}, {heads}, {dim}, max_batch={batch}, "
                       f"max_seq={seq}, {np.dtype(dtype).name}){why}",
                       lambda a=args, w=cache.nbytes: _same_int(fn(*a), w)))
@@ -115,3 +125,21 @@ def grade_contiguous_nbytes(fn) -> Report:
 
 __all__ = ["grade_kv_bytes_per_token", "grade_mla_bytes_per_token",
            "grade_group_quantized_bytes", "grade_max_context", "grade_contiguous_nbytes"]
+
+
+def grade_int4_tradeoff(fp16_tokens, int4_tokens) -> Report:
+    """Grade the longest context of one Qwen2.5-7B sequence on an RTX 4090 (bf16 weights)
+    with an fp16 cache and with an int4 cache (groups of 32, fp16 scale and zero point),
+    as `kvlib.memory.max_context` computes them."""
+    config, gpu = preset("qwen2.5-7b"), GPU_MEMORY_BYTES["RTX 4090"]
+    truth = (max_context(config, gpu, dtype="fp16"),
+             max_context(config, gpu, dtype="int4", group_size=32))
+    answer = ... if ... in (fp16_tokens, int4_tokens) else (fp16_tokens, int4_tokens)
+    return grade_prediction("int4_tradeoff", answer, truth, [
+        ((truth[0], 4 * truth[0]), "int4 is not 4x smaller: every group of 32 numbers also "
+                                   "stores a 2-byte scale and a 2-byte zero point"),
+        ((truth[0] // 2, truth[1] // 2), "the bytes per token already count keys AND values; "
+                                         "do not halve again"),
+        ((2 * truth[0], 2 * truth[1]), "count keys AND values: two vectors per KV head, "
+                                       "per layer"),
+    ])

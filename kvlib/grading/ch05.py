@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cache import prefix_key
+from ..cache.paged import blocks_for
 from ..cache.block_pool import prefix_keys
-from . import Report, compare_arrays, run_cases
+from . import Report, compare_arrays, grade_prediction, refuses_kvlib, run_cases
 
 
 def _reference_slots(block_table, positions, block_size) -> np.ndarray:
@@ -15,6 +17,7 @@ def _reference_slots(block_table, positions, block_size) -> np.ndarray:
     return table[positions // block_size] * block_size + positions % block_size
 
 
+@refuses_kvlib(prefix_key)
 def grade_slot_mapping(slot_mapping) -> Report:
     """`slot_mapping(block_table, positions, block_size)` -> [n] int slots."""
     def case(description, table, positions, block_size):
@@ -44,6 +47,7 @@ def grade_slot_mapping(slot_mapping) -> Report:
     ])
 
 
+@refuses_kvlib(prefix_key)
 def grade_gather_blocks(gather_blocks) -> Report:
     """`gather_blocks(store, block_table, length)` -> [kv_heads, length, head_dim]."""
     rng = np.random.default_rng(5)
@@ -67,6 +71,10 @@ def grade_gather_blocks(gather_blocks) -> Report:
             wrong_order = store[np.arange(len(table))].transpose(1, 0, 2, 3).reshape(2, -1, 3)[:, :length]
             if len(table) > 1 and np.array_equal(got, wrong_order) and not np.array_equal(got, want):
                 return "read blocks 0, 1, 2, ... in order; read the blocks the table names"
+            unmoved = blocks.reshape(2, -1, 3)[:, :length]
+            if np.array_equal(got, unmoved) and not np.array_equal(got, want):
+                return ("reshaped [n_blocks, kv_heads, block_size, head_dim] without moving "
+                        "kv_heads to the front first, which mixes heads and blocks")
             return compare_arrays(got, want, rtol=0, atol=0)
         return description, check
 
@@ -78,6 +86,7 @@ def grade_gather_blocks(gather_blocks) -> Report:
     ])
 
 
+@refuses_kvlib(prefix_key)
 def grade_cached_prefix_len(cached_prefix_len) -> Report:
     """`cached_prefix_len(prompt_ids, cached_keys, block_size)` -> tokens reusable."""
     def case(description, prompt, cached_prompt, block_size, want):
@@ -90,7 +99,11 @@ def grade_cached_prefix_len(cached_prefix_len) -> Report:
             if got == len(prompt):
                 return (f"got {got}: the whole prompt; the last prompt token must still run "
                         "through the model to give the next token's logits")
-            return f"got {got}, expected {want}"
+            if got < want:
+                return (f"got {got}, expected {want}: stopped too early; a block's key is "
+                        "prefix_key(key of the block before, its tokens), b\"\" for the first")
+            return (f"got {got}, expected {want}: only whole blocks count, from the start up "
+                    "to the first block whose key is not cached")
         return description, check
 
     system = [1, 2, 3, 4, 5, 6, 7, 8, 9]
@@ -101,4 +114,26 @@ def grade_cached_prefix_len(cached_prefix_len) -> Report:
         case("first block differs, later blocks equal", [0, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7], 2, 0),
         case("block size 1", [4, 5, 6, 7], [4, 5, 9], 1, 2),
         case("a prompt shorter than a block", [1, 2, 3], [1, 2, 3, 4], 4, 0),
+    ])
+
+
+BLOCK_TRADEOFF_LENGTHS = (100, 37, 250, 16)
+
+
+def grade_block_size_tradeoff(waste_16, waste_128) -> Report:
+    """Grade the slots left empty (allocated but unused) by sequences of
+    `BLOCK_TRADEOFF_LENGTHS` tokens in blocks of 16 and of 128 tokens."""
+    def waste(block_size):
+        return sum(blocks_for(n, block_size) * block_size - n for n in BLOCK_TRADEOFF_LENGTHS)
+
+    def modulo(block_size):
+        return sum(n % block_size for n in BLOCK_TRADEOFF_LENGTHS)
+
+    answer = ... if ... in (waste_16, waste_128) else (waste_16, waste_128)
+    return grade_prediction("block_size_tradeoff", answer, (waste(16), waste(128)), [
+        ((modulo(16), modulo(128)), "n % block_size is what the last block holds; the empty "
+                                    "slots are block_size minus that (and 0 for a full block)"),
+        ((0, 0), "a sequence gets whole blocks: its last block is only partly used"),
+        ((waste(16) // 4, waste(128) // 4), "count the empty slots of every sequence, "
+                                            "not their mean"),
     ])

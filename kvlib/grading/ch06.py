@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ..cache.quantized import QuantScheme, quantized_token_bytes
-from ..quantize import pack_codes
-from . import Report, compare_arrays, run_cases
+from ..quantize import dequantize, pack_codes, quantize
+from . import Report, compare_arrays, grade_prediction, refuses_kvlib, run_cases
 
 
 def _rows(seed: int, shape, spread: float = 1.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(shape) * spread).astype(np.float32)
 
 
+@refuses_kvlib()
 def grade_quantize_rows(quantize_rows) -> Report:
     """Grade `quantize_rows(x, bits) -> (codes, scale, zero)`: asymmetric quantization of
     each row of x [rows, d] to `bits`-bit levels 0..2^bits-1, x ≈ codes * scale + zero."""
 
     def check(x: np.ndarray, bits: int):
         def run():
-            codes, scale, zero = quantize_rows(x.copy(), bits)
+            constant = bool((x.max(axis=1) == x.min(axis=1)).any())
+            try:
+                with warnings.catch_warnings(), np.errstate(divide="raise", invalid="raise"):
+                    warnings.simplefilter("error", RuntimeWarning)
+                    codes, scale, zero = quantize_rows(x.copy(), bits)
+            except (FloatingPointError, RuntimeWarning) as err:
+                if not constant:
+                    raise
+                return (f"a constant row has scale 0, and (x - z) / s divides 0 by 0 ({err}); "
+                        "the cast to uint8 may hide the NaN, so guard the zero scale")
             codes, scale, zero = (np.asarray(a) for a in (codes, scale, zero))
+            for name, array in (("scale", scale), ("zero", zero)):
+                if array.dtype != np.float32:
+                    return (f"{name} has dtype {array.dtype}; return float32 here (kvlib "
+                            "stores float16 scales to save bytes, but then the codes must be "
+                            "rounded with the float16 scale; this exercise keeps float32)")
             if codes.shape != x.shape:
                 return f"codes have shape {codes.shape}, expected {x.shape}"
             if not np.issubdtype(codes.dtype, np.integer):
@@ -62,6 +79,7 @@ def grade_quantize_rows(quantize_rows) -> Report:
     ])
 
 
+@refuses_kvlib()
 def grade_pack_int4(pack_int4, unpack_int4) -> Report:
     """Grade `pack_int4(codes)` (uint8 codes 0..15 [..., n] -> uint8 [..., n/2], the first
     code of each pair in the low 4 bits) and `unpack_int4` (its exact inverse)."""
@@ -89,25 +107,77 @@ def grade_pack_int4(pack_int4, unpack_int4) -> Report:
     ])
 
 
-def grade_kivi_bytes_per_token(kivi_bytes_per_token) -> Report:
-    """Grade `kivi_bytes_per_token(n_layers, n_kv_heads, head_dim, bits, group_size)`: bytes
-    of one quantized token with per-channel keys (G tokens per scale) and per-token values
-    (G channels per scale), float16 scales and zero points, over all layers."""
+@refuses_kvlib()
+def kivi_reference(n_layers, n_kv_heads, head_dim, bits, key_group, value_group) -> float:
+    """kvlib's bytes per token with per-channel keys over `key_group` tokens and per-token
+    values over `value_group` channels (both dividing head_dim). kvlib's schemes use one G
+    for both, so this is the mean of two schemes: per-channel keys and values at
+    G = key_group (each part head_dim / key_group scales per token), and per-token keys
+    and values at G = value_group."""
+    channel = quantized_token_bytes(n_layers, n_kv_heads, head_dim,
+                                    QuantScheme(bits, "channel", key_group))
+    token = quantized_token_bytes(n_layers, n_kv_heads, head_dim,
+                                  QuantScheme(bits, "token", value_group))
+    return (channel + token) / 2
 
-    def check(n_layers, n_kv_heads, head_dim, bits, group):
+
+@refuses_kvlib()
+def grade_kivi_bytes_per_token(kivi_bytes_per_token) -> Report:
+    """Grade `kivi_bytes_per_token(n_layers, n_kv_heads, head_dim, bits, key_group,
+    value_group)`: bytes of one quantized token with per-channel keys (one scale per
+    channel for every `key_group` tokens) and per-token values (one scale per
+    `value_group` channels), float16 scales and zero points, over all layers."""
+
+    def check(n_layers, n_kv_heads, head_dim, bits, key_group, value_group):
         def run():
-            got = kivi_bytes_per_token(n_layers, n_kv_heads, head_dim, bits, group)
-            want = quantized_token_bytes(n_layers, n_kv_heads, head_dim,
-                                         QuantScheme(bits, "channel", group))
-            if not np.isclose(float(got), want, rtol=1e-9):
-                return f"got {got}, expected {want:g}"
-            return None
+            args = (n_layers, n_kv_heads, head_dim, bits, key_group, value_group)
+            got = float(kivi_bytes_per_token(*args))
+            want = kivi_reference(*args)
+            if np.isclose(got, want, rtol=1e-9):
+                return None
+            per_token_keys = kivi_reference(n_layers, n_kv_heads, head_dim, bits,
+                                            value_group, value_group)
+            hints = [(per_token_keys, "keys were counted like values (a scale per "
+                      "value_group channels of each token); keys have one scale per "
+                      "channel, shared by the key_group tokens of a group"),
+                     (want - (want - 2 * n_layers * n_kv_heads * head_dim * bits / 8) / 2,
+                      "the zero points are missing (asymmetric: a scale AND a zero point)"),
+                     (2 * want - 2 * n_layers * n_kv_heads * head_dim * bits / 8,
+                      "scales and zero points are float16: 2 bytes each, not 4")]
+            for wrong, hint in hints:
+                if np.isclose(got, wrong, rtol=1e-9) and not np.isclose(wrong, want):
+                    return f"got {got:g}, expected {want:g}: {hint}"
+            return f"got {got:g}, expected {want:g}"
         return run
 
     return run_cases("kivi_bytes_per_token", [
-        ("SmolLM2-135M, 4 bits, G=32", check(30, 3, 64, 4, 32)),
-        ("SmolLM2-135M, 2 bits, G=32", check(30, 3, 64, 2, 32)),
-        ("Llama-3-8B, 2 bits, G=128", check(32, 8, 128, 2, 128)),
-        ("8 bits, G=64 (one value scale per token)", check(2, 1, 64, 8, 64)),
-        ("2 bits, G=8 (scales dominate)", check(1, 1, 16, 2, 8)),
+        ("SmolLM2-135M, 4 bits, key and value groups of 32", check(30, 3, 64, 4, 32, 32)),
+        ("SmolLM2-135M, 2 bits, keys over 64 tokens, values over 16 channels",
+         check(30, 3, 64, 2, 64, 16)),
+        ("Llama-3-8B, 2 bits, keys over 32 tokens, values over 128 channels",
+         check(32, 8, 128, 2, 32, 128)),
+        ("8 bits, one value scale per token", check(2, 1, 64, 8, 64, 64)),
+        ("2 bits, groups of 8 (scales dominate)", check(1, 1, 16, 2, 8, 8)),
     ])
+
+
+def grade_quantization_error(step, worst_error) -> Report:
+    """Grade the predicted step and largest reconstruction error of 2-bit asymmetric
+    quantization of the row np.linspace(0, 3, 64) (one group), as kvlib computes them."""
+    row = np.linspace(0, 3, 64, dtype=np.float32)[None]
+    q = quantize(row, 2, scale_dtype=np.float32)
+    truth_step = float(np.asarray(q.scale).ravel()[0])
+    truth_error = float(np.abs(dequantize(q) - row).max())
+    if ... in (step, worst_error):
+        return grade_prediction("quantization_error", ..., None)
+    step_report = grade_prediction("quantization_error: step", step, truth_step, [
+        (3 / 4, "2 bits give 4 levels 0 ... 3, so the range is cut into 3 steps, not 4"),
+        (3 / 2, "the range 0 ... 3 is cut into 2^bits - 1 = 3 steps"),
+    ], rtol=1e-3)
+    if not step_report.ok:
+        return step_report
+    return grade_prediction("quantization_error", worst_error, truth_error, [
+        (truth_step, "rounding to the nearest level errs by at most half a step"),
+        (0.5 * 3 / 4, "the step is 1.0 (3 steps over the range 3), so the error is at most 0.5"),
+        (0.0, "only values that sit exactly on a level come back exactly"),
+    ], rtol=0.1)

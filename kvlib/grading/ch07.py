@@ -6,7 +6,7 @@ import numpy as np
 
 from ..attention import SoftmaxState, attention
 from ..masks import causal_mask
-from . import Report, compare_arrays, run_cases
+from . import Report, RowReader, compare_arrays, grade_prediction, refuses_kvlib, run_cases
 
 
 def _chunk_state(rng, n_rows, n_keys, head_dim, shift=0.0, hidden_rows=()):
@@ -31,6 +31,7 @@ def _check_merge(merge, a: SoftmaxState, b: SoftmaxState) -> str | None:
     return None
 
 
+@refuses_kvlib()
 def grade_merge_states(merge) -> Report:
     """Check merge(m1, l1, o1, m2, l2, o2) -> (m, l, o) against the exact rule."""
     rng = np.random.default_rng(7)
@@ -56,8 +57,12 @@ def _single_head_reference(q, k, v, mask):
     return attention(q[:, None, :], k[None], v[None], mask)[:, 0, :]
 
 
+@refuses_kvlib()
 def grade_online_attention(online_attention) -> Report:
-    """Check online_attention(q, k, v, mask, chunk_size) against full softmax attention."""
+    """Check online_attention(q, k, v, mask, chunk_size) against full softmax attention.
+
+    k and v are handed in as `RowReader`s that allow reading at most chunk_size rows at a
+    time, so a plain softmax over all keys is refused."""
     rng = np.random.default_rng(70)
 
     def case(n_q, n_k, chunk, scale=1.0, mask="causal"):
@@ -70,8 +75,15 @@ def grade_online_attention(online_attention) -> Report:
             if mask == "row hidden":
                 m = np.ones((n_q, n_k), bool)
                 m[0] = False
+            rule = (f"read the keys and values chunk by chunk, k[lo:lo + {chunk}] and "
+                    f"v[lo:lo + {chunk}], never all {n_k} at once")
+            k_reader, v_reader = RowReader(k, "k", chunk, rule), RowReader(v, "v", chunk, rule)
             with np.errstate(all="ignore"):
-                got = online_attention(q, k, v, m, chunk)
+                got = online_attention(q, k_reader, v_reader, m, chunk)
+            for name, reader in (("k", k_reader), ("v", v_reader)):
+                if sum(reader.reads) != n_k:
+                    return (f"read {sum(reader.reads)} rows of {name} in all, expected each "
+                            f"of its {n_k} rows once")
             return compare_arrays(got, _single_head_reference(q, k, v, m), rtol=1e-4,
                                   atol=1e-5)
         return check
@@ -89,3 +101,36 @@ def grade_online_attention(online_attention) -> Report:
 
 
 __all__ = ["Report", "grade_merge_states", "grade_online_attention"]
+
+
+def merge_without_guard(m1, l1, o1, m2, l2, o2):
+    """The buggy merge of the find-the-bug exercise: it subtracts the common maximum
+    without replacing an infinite one."""
+    m = np.maximum(m1, m2)
+    with np.errstate(invalid="ignore"):
+        a, b = np.exp(m1 - m), np.exp(m2 - m)
+    return m, a * l1 + b * l2, a[:, None] * o1 + b[:, None] * o2
+
+
+def nan_bug_states() -> tuple[SoftmaxState, SoftmaxState]:
+    """Two states of 4 query rows: row 0 saw keys on both sides, row 1 only on the first,
+    row 2 only on the second, row 3 on neither."""
+    rng = np.random.default_rng(71)
+    return (_chunk_state(rng, 4, 5, 3, hidden_rows=(2, 3)),
+            _chunk_state(rng, 4, 6, 3, hidden_rows=(1, 3)))
+
+
+def grade_nan_rows(nan_rows) -> Report:
+    """Grade the rows whose merged state `merge_without_guard` turns to NaN for the states
+    of `nan_bug_states` (found by running it)."""
+    a, b = nan_bug_states()
+    _, normaliser, out = merge_without_guard(a.row_max, a.normaliser, a.out,
+                                             b.row_max, b.normaliser, b.out)
+    truth = [int(r) for r in np.flatnonzero(np.isnan(normaliser) | np.isnan(out).any(axis=1))]
+    answer = nan_rows if nan_rows is ... else sorted(int(r) for r in nan_rows)
+    return grade_prediction("nan_rows", answer, truth, [
+        ([], "when both sides are empty, m = -inf and m1 - m is -inf - (-inf) = NaN"),
+        ([1, 2, 3], "a row with one empty side is fine: the empty side gets exp(-inf - m) = 0 "
+                    "with a finite m"),
+        ([0, 1, 2, 3], "exp(m1 - m) is NaN only where m itself is -inf"),
+    ])

@@ -7,9 +7,10 @@ import numpy as np
 
 from ..attention import softmax
 from ..roofline import attention_traffic
-from . import Report, compare_arrays, run_cases
+from . import Report, RowReader, compare_arrays, grade_prediction, refuses_kvlib, run_cases
 
 
+@refuses_kvlib()
 def grade_decode_traffic(decode_traffic) -> Report:
     """decode_traffic(batch, context, n_heads, n_kv_heads, head_dim, bytes_per_value)
     -> (kv_bytes, flops): K/V bytes read and FLOPs of one decode-attention call."""
@@ -41,6 +42,7 @@ def _softmax_reference(scores, values):
     return softmax(scores[None])[0] @ values
 
 
+@refuses_kvlib()
 def grade_fold_tile(fold_tile) -> Report:
     """fold_tile(m, l, acc, scores, values) -> (m, l, acc): the online-softmax update of
     one query head by a tile of scores [n] and values [n, d]."""
@@ -58,7 +60,9 @@ def grade_fold_tile(fold_tile) -> Report:
                 start += size
             if not np.isclose(m, scores.max()):
                 return f"running maximum {m}, expected {scores.max()} (the largest score seen)"
-            problem = compare_arrays(np.asarray(acc) / l, _softmax_reference(scores, values),
+            with np.errstate(invalid="ignore", divide="ignore"):
+                output = np.asarray(acc) / l
+            problem = compare_arrays(output, _softmax_reference(scores, values),
                                      rtol=1e-4, atol=1e-5)
             return None if problem is None else f"acc / l is not softmax(scores) @ values: {problem}"
         return check
@@ -72,6 +76,7 @@ def grade_fold_tile(fold_tile) -> Report:
     ])
 
 
+@refuses_kvlib()
 def grade_merge_partials(merge_partials) -> Report:
     """merge_partials(ms [s], ls [s], accs [s, d]) -> [d]: combine split-K partial states
     into the normalised attention output."""
@@ -118,13 +123,20 @@ def _paged_case(block_size, length, n_blocks, seed):
     return q, key_blocks, value_blocks, table, length, want
 
 
+@refuses_kvlib()
 def grade_paged_decode(paged_decode) -> Report:
     """paged_decode(q [d], key_blocks [N, bs, d], value_blocks, block_table [n], length)
-    -> [d]: one query head's decode attention over a paged sequence (scale 1/sqrt(d))."""
+    -> [d]: one query head's decode attention over a paged sequence (scale 1/sqrt(d)).
+
+    The block pools are handed in as `RowReader`s that allow reading one block at a time,
+    so gathering the whole sequence into one array is refused."""
     def case(block_size, length, n_blocks, seed):
         def check():
             q, kb, vb, table, length_, want = _paged_case(block_size, length, n_blocks, seed)
-            got = paged_decode(q, kb, vb, table.copy(), length_)
+            rule = ("walk the block table one block at a time, key_blocks[block_table[i]], "
+                    "never gathering the sequence into one copy")
+            got = paged_decode(q, RowReader(kb, "key_blocks", 1, rule),
+                               RowReader(vb, "value_blocks", 1, rule), table.copy(), length_)
             problem = compare_arrays(got, want, rtol=1e-4, atol=1e-5)
             if problem is None:
                 return None
@@ -140,3 +152,20 @@ def grade_paged_decode(paged_decode) -> Report:
         ("block size 1", case(1, 13, 20, 4)),
         ("block size that is not a power of two", case(5, 23, 9, 5)),
     ])
+
+
+def grade_intensity(float32_intensity, int8_intensity) -> Report:
+    """Grade the predicted arithmetic intensity (FLOPs per byte) of SmolLM2's decode
+    attention (9 query heads over 3 KV heads of 64) over 4,096 cached tokens, with float32
+    and with int8 keys and values (scales left out), as `attention_traffic` counts it."""
+    def intensity(bytes_per_value, n_heads=9):
+        return attention_traffic(1, 4096, n_heads, 3, 64, bytes_per_value).intensity
+
+    answer = (... if ... in (float32_intensity, int8_intensity)
+              else (float32_intensity, int8_intensity))
+    return grade_prediction("intensity", answer, (intensity(4), intensity(1)), [
+        ((intensity(4, 3), intensity(1, 3)), "each KV head serves a group of 3 query heads: "
+                                             "3 times the FLOPs for the same bytes"),
+        ((intensity(4), intensity(4)), "int8 reads a quarter of the bytes for the same FLOPs"),
+        ((2 * intensity(4), 2 * intensity(1)), "read keys AND values: two vectors per token"),
+    ], rtol=0.05)
