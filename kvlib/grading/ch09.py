@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ..gpu import WARP_SIZE, decode_grid, sectors_per_load
+from ..gpu import SECTOR_BYTES, WARP_SIZE, decode_grid, sectors_per_load
 from . import Report, run_cases
 
 
@@ -117,9 +117,11 @@ def _check_mapping(dim_of, head_dim) -> str | None:
     seen = sorted(d for row in table for d in row)
     if seen != list(range(head_dim)):
         missing = sorted(set(range(head_dim)) - set(seen))
+        what = (f"dimension {missing[0]} is never read" if missing
+                else "a dimension is read twice or lies outside the row")
         return (f"head_dim {head_dim}: the lanes must read every dimension exactly once "
-                f"over the {steps} steps (missing {missing[:4]}{'...' if len(missing) > 4 else ''})")
-    best = WARP_SIZE * 4 // 32
+                f"over the {steps} steps ({what})")
+    best = WARP_SIZE * 4 // SECTOR_BYTES  # 32 float32 values, 4 bytes each
     for step, row in enumerate(table):
         sectors = sectors_per_load(row)
         if sectors > best:
