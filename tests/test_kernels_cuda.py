@@ -19,6 +19,8 @@ from kvlib.errors import ConfigError, DTypeError, ShapeError  # noqa: E402
 from kvlib.kernels import cuda as kcuda  # noqa: E402
 from kvlib.quantize import dequantize, quantize  # noqa: E402
 
+del os.environ["NUMBA_ENABLE_CUDASIM"]  # numba.cuda is loaded; keep subprocesses unaffected
+
 
 def test_the_simulator_is_on():
     assert kcuda.simulating()
