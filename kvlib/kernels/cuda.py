@@ -45,10 +45,12 @@ SIMULATOR_HINT = ("set NUMBA_ENABLE_CUDASIM=1 to run the numba.cuda kernel in Nu
                   "simulator on the CPU (slow: use it for a few tokens)")
 
 WARP = 32
-MAX_WARPS = 4       # warps per block (tokens processed side by side)
+MAX_WARPS = 2       # warps per block (tokens processed side by side)
 MAX_GROUP = 8       # query heads per KV head held in registers
 MAX_PER_LANE = 4    # dimensions per lane: head_dim <= 128
 TILE = 8            # tokens a warp takes per round
+# The block's static shared arrays (partial sums, scores, the warps' states) then take
+# about 25 KiB, inside the 48 KiB a CUDA block may declare statically.
 
 
 def simulating() -> bool:
