@@ -51,6 +51,13 @@ def _make_cache(args, model, prompts):
 def cmd_generate(args) -> int:
     from .model import Sampler, load_model
 
+    if args.backend == "cuda":  # before loading the model: fail fast
+        if args.cache != "paged":
+            raise ConfigError("--backend cuda runs the paged cache's numba.cuda kernel; "
+                              "add --cache paged")
+        from .kernels.cuda import require_device
+
+        require_device()
     model = load_model(progress=not args.quiet)
     prompts = [model.encode(p, chat=args.chat) for p in args.prompts]
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
@@ -191,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
                      help="feed each prompt through the cache C tokens at a time "
                           "(chunked prefill; needs a cache)")
-    gen.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
-                     help="attention of decode steps: NumPy reference or the Numba kernel")
+    gen.add_argument("--backend", choices=["numpy", "numba", "cuda"], default="numpy",
+                     help="attention of decode steps: NumPy reference, the Numba kernel, or "
+                          "the numba.cuda kernel (--cache paged; a GPU, or the simulator "
+                          "with NUMBA_ENABLE_CUDASIM=1)")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -244,7 +253,58 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", action="store_true", help="one JSON object")
     ppl.add_argument("--quiet", action="store_true", help="no progress on stderr")
     ppl.set_defaults(run=cmd_perplexity)
+
+    roof = sub.add_parser("roofline", help="a decode step of a real model on a GPU's "
+                                           "roofline: intensity, bound, predicted time")
+    roof.add_argument("--gpu", help="a GPU from --list, e.g. H100-SXM")
+    roof.add_argument("--model", help="a model preset, e.g. llama-3-8b")
+    roof.add_argument("--context", type=int, help="tokens cached per sequence")
+    roof.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    roof.add_argument("--dtype", default="fp16", help="KV cache storage type (default fp16)")
+    roof.add_argument("--weights-dtype", default="bf16",
+                      help="storage type of the weights (default bf16)")
+    roof.add_argument("--json", action="store_true", help="one JSON object")
+    roof.add_argument("--list", action="store_true", help="list the GPUs")
+    roof.set_defaults(run=cmd_roofline)
     return parser
+
+
+def cmd_roofline(args) -> int:
+    from .config import preset
+    from .gpu import GPUS, decode_step, gpu
+
+    if args.list:
+        for g in GPUS.values():
+            missing = f"  (unconfirmed: {', '.join(g.unconfirmed)})" if g.unconfirmed else ""
+            print(f"{g.name:14s} {g.bandwidth / 1e12:5.2f} TB/s  {g.fp16_flops / 1e12:7.1f} "
+                  f"FP16 TFLOP/s  {g.memory_gb:g} GB{missing}")
+        return 0
+    if args.gpu is None or args.model is None or args.context is None:
+        raise ConfigError("roofline needs --gpu NAME, --model NAME and --context N (or --list)")
+    spec, config = gpu(args.gpu), preset(args.model)
+    step = decode_step(config, spec, args.context, args.batch, args.dtype,
+                       weights_dtype=args.weights_dtype)
+    att, wts = step.attention, step.weights
+    row = {"gpu": spec.name, "model": args.model, "context": args.context,
+           "batch": args.batch, "dtype": args.dtype, "weights_dtype": args.weights_dtype,
+           "attention_flop_per_byte": att.traffic.intensity, "attention_bytes": att.traffic.bytes,
+           "attention_flops": att.traffic.flops, "attention_bound": att.bound,
+           "attention_seconds": att.seconds, "weight_flop_per_byte": wts.traffic.intensity,
+           "weight_bytes": wts.traffic.bytes, "weight_flops": wts.traffic.flops,
+           "weight_bound": wts.bound, "weight_seconds": wts.seconds,
+           "ridge_flop_per_byte": spec.ridge_point,
+           "predicted_step_seconds": step.seconds, "bound": step.bound}
+    if args.json:
+        print(json.dumps(row))
+        return 0
+    print(f"{args.model} on {spec.name}, batch {args.batch} x {args.context:,} tokens, "
+          f"KV {args.dtype}, weights {args.weights_dtype} (ridge {spec.ridge_point:.0f} FLOP/byte)")
+    for name, part in (("attention", att), ("weights", wts)):
+        print(f"  {name:9s} {part.traffic.intensity:8.2f} FLOP/byte  "
+              f"{part.traffic.bytes / 1e9:8.2f} GB  {part.bound}-bound  "
+              f"{part.seconds * 1e3:7.3f} ms")
+    print(f"  predicted step {step.seconds * 1e3:.3f} ms ({step.bound}-bound)")
+    return 0
 
 
 def cmd_bench_attention(args) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import (ConfigError, DTypeError, KVLibError, LengthError, ShapeError,
                       UnknownSequenceError)
 
-BACKENDS = ("numpy", "numba")  # how a cache computes attention; see `KVCache.set_backend`
+BACKENDS = ("numpy", "numba", "cuda")  # how a cache computes attention; see `set_backend`
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ class StepPlan:
 class KVCache(ABC):
     """Storage of keys and values for several sequences, one layer at a time.
 
-    `backend` says how `attend` computes: "numpy" (the reference, every step) or
+    `backend` says how `attend` computes: "numpy" (the reference, every step),
     "numba" (a compiled kernel from `kvlib.kernels.cpu` for decode steps, where every
-    sequence adds one token; multi-token steps such as prefill stay on NumPy).
+    sequence adds one token; multi-token steps such as prefill stay on NumPy) or "cuda"
+    (the `numba.cuda` kernel of `kvlib.kernels.cuda`, decode steps of the paged cache).
     """
 
     backend: str = "numpy"
@@ -82,6 +83,8 @@ class KVCache(ABC):
             raise ConfigError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
         if backend == "numba":
             self._check_numba_supported()
+        if backend == "cuda":
+            self._check_cuda_supported()
         self.backend = backend
         return self
 
@@ -89,9 +92,14 @@ class KVCache(ABC):
         """Raise `ConfigError` if this cache has no Numba kernel (override when it has)."""
         raise ConfigError(f"{type(self).__name__} has no Numba attention kernel")
 
+    def _check_cuda_supported(self) -> None:
+        """Raise `ConfigError` if this cache has no CUDA kernel (override when it has)."""
+        raise ConfigError(f"{type(self).__name__} has no CUDA attention kernel "
+                          "(the paged cache has one)")
+
     def _use_kernel(self, plan: "StepPlan") -> bool:
         """Whether `attend` should call the compiled decode kernel for this step."""
-        return self.backend == "numba" and plan.is_decode
+        return self.backend != "numpy" and plan.is_decode
 
     # --- sequences -----------------------------------------------------------------
     @abstractmethod

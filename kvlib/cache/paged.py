@@ -322,10 +322,14 @@ class PagedCache(KVCache):
 
     def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
         """Per sequence: gather the blocks its table names (only those), then attend.
-        With the Numba backend, a decode step walks the block tables inside the kernel."""
+        With the Numba or CUDA backend, a decode step walks the block tables inside the
+        kernel."""
         self._check_q(layer, plan, q)
         if self._use_kernel(plan):
-            from ..kernels.cpu import decode_paged
+            if self.backend == "cuda":
+                from ..kernels.cuda import decode_paged
+            else:
+                from ..kernels.cpu import decode_paged
 
             return decode_paged(q, self.keys[layer], self.values[layer],
                                 self.block_table_array(plan.seq_ids), plan.starts + 1)
@@ -345,6 +349,12 @@ class PagedCache(KVCache):
         if self.keys.dtype != np.float32:
             raise ConfigError(f"the Numba kernel reads float32 keys/values; this cache "
                               f"stores {self.keys.dtype}")
+
+    def _check_cuda_supported(self) -> None:
+        from ..kernels.cuda import require_device
+
+        self._check_numba_supported()  # the same float32 storage
+        require_device()
 
     def _gather(self, store: np.ndarray, table: np.ndarray, n_tokens: int) -> np.ndarray:
         """[kv_heads, n_tokens, head_dim] from the blocks `table` of one layer's store."""
