@@ -91,7 +91,8 @@ def test_a_client_that_disconnects_frees_its_blocks(served, client):
     steps_before = health(served)["steps"]
     chunks = client.completions.create(model="m", prompt="Tell me a very long story.",
                                        max_tokens=500, temperature=0, stream=True)
-    received = [next(iter(chunks)) for _ in range(2)]
+    stream = iter(chunks)
+    received = [next(stream), next(stream)]
     assert health(served)["blocks_in_use"] > 0 and len(received) == 2
     chunks.close()                       # the client goes away mid-stream
     for _ in range(600):                 # the engine notices at its next token
