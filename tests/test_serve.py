@@ -89,7 +89,8 @@ def test_models_and_health(served, client):
 
 def test_a_client_that_disconnects_frees_its_blocks(served, client):
     steps_before = health(served)["steps"]
-    chunks = client.completions.create(model="m", prompt="Tell me a very long story.",
+    chunks = client.completions.create(model="m", prompt="Once upon a time, in a land far "
+                                       "away, there lived",
                                        max_tokens=500, temperature=0, stream=True)
     stream = iter(chunks)
     received = [next(stream), next(stream)]
@@ -126,7 +127,8 @@ def test_malformed_json_is_a_400(served):
     ({"max_tokens": "ten"}, "max_tokens must be int"),
     ({"temperature": -0.5}, "temperature must be >= 0"),
     ({"temperature": "hot"}, "temperature must be int or float"),
-    ({"prompt": "hello " * 2100}, "past the context"),
+    ({"prompt": "hello " * 8200}, "past the context"),          # SmolLM2: 8192 tokens
+    ({"prompt": "hello " * 1100}, "could never finish"),        # the pool: 1024 slots
     ({"prompt": [1.5, 2]}, "prompt must be"),
     ({"extra_body": {"frequency": 3}}, "unrecognized request argument: frequency"),
     ({"seed": -1}, "seed must be >= 0"),
