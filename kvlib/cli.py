@@ -87,6 +87,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The engine behind an OpenAI-compatible HTTP API (`kvlib.serve`)."""
+    from .cache import PagedCache
+    from .engine import Engine
+    from .model import load_model
+    from .serve import create_app, listen, run_server
+
+    sock = listen(args.host, args.port)  # a busy port fails before the model loads
+    model = load_model(progress=not args.quiet)
+    cache = PagedCache.from_config(model.config, num_blocks=args.num_blocks,
+                                   block_size=args.block_size, max_seqs=args.max_batch)
+    engine = Engine(model, cache.set_backend(args.backend), max_batch=args.max_batch,
+                    token_budget=args.token_budget)
+    if not args.quiet:
+        host, port = sock.getsockname()[:2]
+        print(f"serving {model.path.name} on http://{host}:{port}/v1", file=sys.stderr)
+    run_server(create_app(model, engine), sock, "warning" if args.quiet else "info")
+    return 0
+
+
 def cmd_memory(args) -> int:
     from .config import PRESETS, preset
     from .memory import (cached_tokens, format_bytes, kv_bytes_per_token, kv_cache_bytes,
@@ -266,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     roof.add_argument("--json", action="store_true", help="one JSON object")
     roof.add_argument("--list", action="store_true", help="list the GPUs")
     roof.set_defaults(run=cmd_roofline)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the "
+                                       "continuous-batching engine")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    srv.add_argument("--num-blocks", type=int, default=512,
+                     help="blocks in the paged pool shared by all requests (default 512)")
+    srv.add_argument("--block-size", type=int, default=16, help="tokens per block")
+    srv.add_argument("--max-batch", type=int, default=16,
+                     help="most requests decoding together (default 16)")
+    srv.add_argument("--token-budget", type=int, default=256,
+                     help="most tokens per forward step, decodes and prefill chunks")
+    srv.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
+                     help="attention of decode steps: NumPy reference or the Numba kernel")
+    srv.add_argument("--quiet", action="store_true", help="no progress, warnings only")
+    srv.set_defaults(run=cmd_serve)
     return parser
 
 
