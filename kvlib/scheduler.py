@@ -170,14 +170,16 @@ class StepCostModel:
     causal: bool = False
 
     @classmethod
-    def fit(cls, starts_per_step, counts_per_step, seconds,
-            per_pair: float | None = None) -> "StepCostModel":
+    def fit(cls, starts_per_step, counts_per_step, seconds, per_pair: float | None = None,
+            relative: bool = False) -> "StepCostModel":
         """Least squares over timed steps (rectangle pairs), keeping every coefficient
         >= 0 (a coefficient that comes out negative is dropped and the rest refitted).
 
         `per_pair`, if given, is taken as known (measured on attention alone) and only
         the other coefficients are fitted: in steps of a short prompt, pairs and tokens
-        grow together and least squares cannot tell their costs apart.
+        grow together and least squares cannot tell their costs apart. With `relative`,
+        each step's error counts relative to its time, so that short steps (whose
+        per-call costs matter) weigh as much as long ones.
         """
         x = np.array([step_features(s, c) for s, c in zip(starts_per_step, counts_per_step)])
         y = np.asarray(seconds, dtype=np.float64)
@@ -189,8 +191,10 @@ class StepCostModel:
             active = [0, 1, 3]
         if len(y) < len(active):
             raise ConfigError(f"need at least {len(active)} timed steps, got {len(y)}")
+        weight = 1 / np.asarray(seconds, dtype=np.float64) if relative else np.ones(len(y))
         while True:
-            coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+            coef, *_ = np.linalg.lstsq(x[:, active] * weight[:, None], y * weight,
+                                       rcond=None)
             if (coef >= 0).all():
                 break
             active.pop(int(np.argmin(coef)))

@@ -135,9 +135,29 @@ def test_fit_with_a_known_pair_cost_recovers_the_rest(rng):
     starts = [rng.integers(0, 500, n) for n in rng.integers(1, 6, 40)]
     counts = [rng.integers(1, 200, len(s)) for s in starts]
     seconds = [truth.predict(s, c) for s, c in zip(starts, counts)]
-    fitted = StepCostModel.fit(starts, counts, seconds, per_pair=2e-7)
-    np.testing.assert_allclose([fitted.fixed, fitted.per_token, fitted.per_pair,
-                                fitted.per_sequence], [0.02, 1e-3, 2e-7, 5e-4], rtol=1e-6)
+    for relative in (False, True):
+        fitted = StepCostModel.fit(starts, counts, seconds, per_pair=2e-7,
+                                   relative=relative)
+        np.testing.assert_allclose([fitted.fixed, fitted.per_token, fitted.per_pair,
+                                    fitted.per_sequence], [0.02, 1e-3, 2e-7, 5e-4],
+                                   rtol=1e-6)
+
+
+def test_a_relative_fit_weighs_short_steps_as_much_as_long_ones():
+    # one long step with a 10% error: an absolute fit bends the per-call cost to it,
+    # a relative one keeps the short steps right
+    starts = [[0]] * 6
+    counts = [[1], [2], [4], [8], [16], [1000]]
+    truth = StepCostModel(0.01, 1e-3, 0.0, 0.0)
+    seconds = [truth.predict(s, c) for s, c in zip(starts, counts)]
+    seconds[-1] *= 1.1
+    absolute = StepCostModel.fit(starts, counts, seconds, per_pair=0.0)
+    relative = StepCostModel.fit(starts, counts, seconds, per_pair=0.0, relative=True)
+    short = [truth.predict(s, c) for s, c in zip(starts[:5], counts[:5])]
+    miss = {name: max(abs(m.predict(s, c) / t - 1)
+                      for s, c, t in zip(starts[:5], counts[:5], short))
+            for name, m in (("absolute", absolute), ("relative", relative))}
+    assert miss["relative"] < miss["absolute"]
     with pytest.raises(ConfigError, match="per_pair"):
         StepCostModel.fit(starts, counts, seconds, per_pair=-1.0)
 
