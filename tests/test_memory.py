@@ -13,9 +13,10 @@ from kvlib.cache import ContiguousCache, KVCache, PagedCache, QuantizedCache, Qu
 from kvlib.config import PRESET_SOURCES, PRESETS, preset
 from kvlib.errors import ConfigError
 from kvlib.memory import (GPU_DATASHEET_GB, GPU_MEMORY_BYTES, GPU_MEMORY_MIB, NBYTES_FORMULAS,
-                          STORAGE_NAMES, StorageType, cached_tokens, contiguous_cache_nbytes, crossover_tokens,
-                          expected_nbytes, format_bytes, kv_budget_bytes, kv_bytes_per_token,
-                          kv_cache_bytes, max_batch, max_context, storage_type, weights_bytes)
+                          STORAGE_NAMES, StorageType, cached_tokens, contiguous_cache_nbytes,
+                          crossover_tokens, expected_nbytes, format_bytes, kv_budget_bytes,
+                          kv_bytes_per_token, kv_cache_bytes, max_batch, max_context,
+                          storage_type, weights_bytes)
 
 SMOL = PRESETS["smollm2-135m"]
 
