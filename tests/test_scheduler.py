@@ -167,7 +167,8 @@ def test_with_causal_pairs_a_budget_never_brings_the_first_token_earlier():
     # extra step pays the fixed cost again: the first token can only come later
     cost = StepCostModel(fixed=0.03, per_token=1e-3, per_pair=3e-6, per_sequence=1e-3,
                          causal=True)
-    requests = [Request(i, 64, 80) for i in range(4)] + [Request(9, 2048, 5, arrival=0.5)]
+    # 4-token prompts: every budget (>= 16) runs the same steps until the arrival
+    requests = [Request(i, 4, 80) for i in range(4)] + [Request(9, 2048, 5, arrival=0.5)]
     ttft = {b: simulate(requests, TokenBudgetScheduler(b), cost).ttft(9)
             for b in (None, 16, 256, 1024)}
     assert all(ttft[b] > ttft[None] for b in (16, 256, 1024))
