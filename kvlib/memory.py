@@ -152,44 +152,61 @@ def weights_bytes(config: ModelConfig, dtype: str | StorageType = "bf16",
 
 
 # --- fitting a GPU ------------------------------------------------------------------
-# Memory of the GPUs in the book's reference table, in decimal gigabytes (1 GB = 1e9
-# bytes) as NVIDIA's datasheets state it. The cards expose about that many GiB, so
-# these are a slight underestimate.
-GPU_MEMORY_BYTES: dict[str, int] = {
-    "H100 SXM 80GB": 80 * 10**9,    # H100 datasheet: 80 GB HBM3
-    "H200 SXM 141GB": 141 * 10**9,  # H200 datasheet: 141 GB HBM3e
-    "A100 SXM 80GB": 80 * 10**9,    # A100 datasheet: 80 GB HBM2e
-    "L4": 24 * 10**9,               # L4 datasheet: 24 GB GDDR6
-    "RTX 4090": 24 * 10**9,         # GeForce RTX 4090 specifications: 24 GB GDDR6X
+# Memory of the GPUs in the book's reference table as the device reports it to software
+# (nvidia-smi's memory total, in MiB = 2**20 bytes). Vendors print decimal gigabytes on
+# the box ("80 GB"); an 80 GB H100 reports 81,559 MiB = 79.6 GiB = 85.5 * 10**9 bytes.
+# Sources: nvidia-smi outputs quoted in modal-labs/modal-client pull request 2797 (H100,
+# A100 80GB, L4), in RLinf/RLinf issue 255 (RTX 4090) and in nvidia-smi logs of H200 SXM
+# machines (143,771 MiB).
+GPU_MEMORY_MIB: dict[str, int] = {
+    "H100 SXM 80GB": 81_559,
+    "H200 SXM 141GB": 143_771,
+    "A100 SXM 80GB": 81_920,
+    "L4": 23_034,
+    "RTX 4090": 24_564,
 }
+GPU_MEMORY_BYTES: dict[str, int] = {name: mib * 2**20 for name, mib in GPU_MEMORY_MIB.items()}
+# What the datasheets print, in decimal gigabytes (1 GB = 10**9 bytes), for comparison.
+GPU_DATASHEET_GB: dict[str, int] = {"H100 SXM 80GB": 80, "H200 SXM 141GB": 141,
+                                    "A100 SXM 80GB": 80, "L4": 24, "RTX 4090": 24}
 
-# Fraction of GPU memory left for activations, the CUDA context and fragmentation
-# (vLLM's default gpu_memory_utilization of 0.9 leaves the same 10%).
-DEFAULT_RESERVE = 0.10
+# vLLM's default `gpu_memory_utilization`: the share of the device's memory one engine
+# may use. Out of that share come the weights, the peak activations of a profiling
+# forward pass and other allocations (CUDA graphs, library workspaces); the KV cache
+# gets what is left. The remaining 10% is not a reserve for activations: the engine
+# leaves it to everything else on the device.
+DEFAULT_UTILIZATION = 0.9
 
 
 def kv_budget_bytes(config: ModelConfig, gpu_bytes: int, weights_dtype="bf16",
-                    reserve: float = DEFAULT_RESERVE) -> int:
-    """Bytes left for the KV cache: GPU memory minus the reserve minus the weights
-    (negative if the weights do not fit)."""
+                    utilization: float = DEFAULT_UTILIZATION, overhead_bytes: int = 0) -> int:
+    """Bytes left for the KV cache: floor(utilization * gpu_bytes) - weights - overhead.
+
+    `overhead_bytes` stands for what an engine takes besides the weights (activations,
+    CUDA graphs); with the default 0 the result is an upper bound on an engine's cache.
+    Negative if the weights do not fit.
+    """
     if gpu_bytes <= 0:
         raise ConfigError(f"GPU memory must be positive, got {gpu_bytes}")
-    if not 0 <= reserve < 1:
-        raise ConfigError(f"reserve is a fraction of GPU memory in [0, 1), got {reserve}")
-    return math.floor(gpu_bytes * (1 - reserve)) - weights_bytes(config, weights_dtype)
+    if not 0 < utilization <= 1:
+        raise ConfigError(f"utilization is the share of GPU memory used, in (0, 1], "
+                          f"got {utilization}")
+    _check_count("overhead_bytes", overhead_bytes)
+    return (math.floor(gpu_bytes * utilization) - weights_bytes(config, weights_dtype)
+            - int(overhead_bytes))
 
 
 def max_context(config: ModelConfig, gpu_bytes: int, batch: int = 1,
                 dtype: str | StorageType = "fp16", group_size: int | None = None,
-                weights_dtype="bf16", reserve: float = DEFAULT_RESERVE,
-                sliding_window: bool = True) -> int | None:
+                weights_dtype="bf16", utilization: float = DEFAULT_UTILIZATION,
+                overhead_bytes: int = 0, sliding_window: bool = True) -> int | None:
     """Longest context each of `batch` sequences can reach in `gpu_bytes` of memory.
 
     0 if the weights do not fit (or not even one token does); None if memory sets no
     limit because a sliding window caps the cache below what fits.
     """
     batch = _check_count("batch", batch, 1)
-    budget = kv_budget_bytes(config, gpu_bytes, weights_dtype, reserve)
+    budget = kv_budget_bytes(config, gpu_bytes, weights_dtype, utilization, overhead_bytes)
     if budget <= 0:
         return 0
     tokens = budget // (batch * kv_bytes_per_token(config, dtype, group_size))
@@ -200,11 +217,11 @@ def max_context(config: ModelConfig, gpu_bytes: int, batch: int = 1,
 
 def max_batch(config: ModelConfig, gpu_bytes: int, tokens: int,
               dtype: str | StorageType = "fp16", group_size: int | None = None,
-              weights_dtype="bf16", reserve: float = DEFAULT_RESERVE,
-              sliding_window: bool = True) -> int:
+              weights_dtype="bf16", utilization: float = DEFAULT_UTILIZATION,
+              overhead_bytes: int = 0, sliding_window: bool = True) -> int:
     """Most sequences of `tokens` tokens whose caches fit beside the weights (0 if none)."""
     _check_count("tokens", tokens, 1)
-    budget = kv_budget_bytes(config, gpu_bytes, weights_dtype, reserve)
+    budget = kv_budget_bytes(config, gpu_bytes, weights_dtype, utilization, overhead_bytes)
     one = kv_cache_bytes(config, tokens, 1, dtype, group_size, sliding_window)
     return max(0, int(budget // one))
 

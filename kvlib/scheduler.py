@@ -138,44 +138,75 @@ class TokenBudgetScheduler:
         return emitted
 
 
-def step_features(starts, counts) -> np.ndarray:
+def step_features(starts, counts, causal: bool = False) -> np.ndarray:
     """[1, tokens, attention pairs, sequences] of a step whose item i feeds counts[i]
-    tokens after starts[i] cached ones; pairs = sum counts[i] * (starts[i] + counts[i])
-    is the size of the score arrays (each chunk scores its whole key rectangle)."""
+    tokens after starts[i] cached ones.
+
+    Pairs are the query-key scores the step computes. The NumPy reference scores each
+    item's whole rectangle and masks afterwards: sum counts[i] * (starts[i] + counts[i]).
+    A causal kernel skips the masked half of the new tokens' square (up to its tile
+    size): sum counts[i] * starts[i] + counts[i] * (counts[i] + 1) / 2 (`causal=True`).
+    """
     starts, counts = np.asarray(starts, np.float64), np.asarray(counts, np.float64)
-    return np.array([1.0, counts.sum(), (counts * (starts + counts)).sum(), len(counts)])
+    if causal:
+        pairs = (counts * starts + counts * (counts + 1) / 2).sum()
+    else:
+        pairs = (counts * (starts + counts)).sum()
+    return np.array([1.0, counts.sum(), pairs, len(counts)])
 
 
 @dataclass(frozen=True)
 class StepCostModel:
-    """seconds(step) = fixed + per_token * tokens + per_pair * pairs + per_sequence * sequences."""
+    """seconds(step) = fixed + per_token * tokens + per_pair * pairs + per_sequence * sequences.
+
+    `causal` says how pairs are counted (see `step_features`): False for the NumPy
+    reference's rectangles, True for a kernel that skips masked scores.
+    """
 
     fixed: float
     per_token: float
     per_pair: float
     per_sequence: float
+    causal: bool = False
 
     @classmethod
-    def fit(cls, starts_per_step, counts_per_step, seconds) -> "StepCostModel":
-        """Least squares over timed steps, keeping every coefficient >= 0 (a coefficient
-        that comes out negative is dropped and the rest refitted)."""
+    def fit(cls, starts_per_step, counts_per_step, seconds, per_pair: float | None = None,
+            relative: bool = False) -> "StepCostModel":
+        """Least squares over timed steps (rectangle pairs), keeping every coefficient
+        >= 0 (a coefficient that comes out negative is dropped and the rest refitted).
+
+        `per_pair`, if given, is taken as known (measured on attention alone) and only
+        the other coefficients are fitted: in steps of a short prompt, pairs and tokens
+        grow together and least squares cannot tell their costs apart. With `relative`,
+        each step's error counts relative to its time, so that short steps (whose
+        per-call costs matter) weigh as much as long ones.
+        """
         x = np.array([step_features(s, c) for s, c in zip(starts_per_step, counts_per_step)])
         y = np.asarray(seconds, dtype=np.float64)
-        if len(y) < x.shape[1]:
-            raise ConfigError(f"need at least {x.shape[1]} timed steps, got {len(y)}")
-        active = list(range(x.shape[1]))
+        active = [0, 1, 2, 3]
+        if per_pair is not None:
+            if per_pair < 0:
+                raise ConfigError(f"per_pair must be >= 0, got {per_pair}")
+            y = y - per_pair * x[:, 2]
+            active = [0, 1, 3]
+        if len(y) < len(active):
+            raise ConfigError(f"need at least {len(active)} timed steps, got {len(y)}")
+        weight = 1 / np.asarray(seconds, dtype=np.float64) if relative else np.ones(len(y))
         while True:
-            coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+            coef, *_ = np.linalg.lstsq(x[:, active] * weight[:, None], y * weight,
+                                       rcond=None)
             if (coef >= 0).all():
                 break
             active.pop(int(np.argmin(coef)))
         full = np.zeros(x.shape[1])
         full[active] = coef
+        if per_pair is not None:
+            full[2] = per_pair
         return cls(*map(float, full))
 
     def predict(self, starts, counts) -> float:
         coef = np.array([self.fixed, self.per_token, self.per_pair, self.per_sequence])
-        return float(step_features(starts, counts) @ coef)
+        return float(step_features(starts, counts, self.causal) @ coef)
 
     def __call__(self, step: Step) -> float:
         return self.predict([i.start for i in step.items], [i.count for i in step.items])

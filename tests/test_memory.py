@@ -1,6 +1,7 @@
 """Model presets and the memory formulas of `kvlib.memory`."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -11,10 +12,11 @@ from kvlib.batching import PaddedCache
 from kvlib.cache import ContiguousCache, KVCache, PagedCache, QuantizedCache, QuantScheme
 from kvlib.config import PRESET_SOURCES, PRESETS, preset
 from kvlib.errors import ConfigError
-from kvlib.memory import (GPU_MEMORY_BYTES, NBYTES_FORMULAS, STORAGE_NAMES, StorageType,
-                          cached_tokens, contiguous_cache_nbytes, crossover_tokens,
-                          expected_nbytes, format_bytes, kv_budget_bytes, kv_bytes_per_token,
-                          kv_cache_bytes, max_batch, max_context, storage_type, weights_bytes)
+from kvlib.memory import (GPU_DATASHEET_GB, GPU_MEMORY_BYTES, GPU_MEMORY_MIB, NBYTES_FORMULAS,
+                          STORAGE_NAMES, StorageType, cached_tokens, contiguous_cache_nbytes,
+                          crossover_tokens, expected_nbytes, format_bytes, kv_budget_bytes,
+                          kv_bytes_per_token, kv_cache_bytes, max_batch, max_context,
+                          storage_type, weights_bytes)
 
 SMOL = PRESETS["smollm2-135m"]
 
@@ -148,7 +150,8 @@ def test_weights_bytes():
 def test_max_context_fills_the_budget_exactly():
     c, gpu = preset("llama-3-8b"), GPU_MEMORY_BYTES["H100 SXM 80GB"]
     budget = kv_budget_bytes(c, gpu)
-    assert budget == 72 * 10**9 - 2 * c.n_params
+    assert gpu == 81_559 * 2**20                       # what nvidia-smi reports, in bytes
+    assert budget == math.floor(0.9 * 81_559 * 2**20) - 2 * c.n_params
     for batch in (1, 4, 32):
         n = max_context(c, gpu, batch=batch)
         assert kv_cache_bytes(c, n, batch) <= budget < kv_cache_bytes(c, n + 1, batch)
@@ -161,8 +164,30 @@ def test_when_nothing_fits_and_when_the_window_lifts_the_limit():
     assert max_batch(preset("llama-3-70b"), GPU_MEMORY_BYTES["H100 SXM 80GB"], 100) == 0
     assert max_context(preset("mistral-7b"), GPU_MEMORY_BYTES["L4"]) is None
     assert max_context(preset("mistral-7b"), GPU_MEMORY_BYTES["L4"], sliding_window=False) > 0
-    with pytest.raises(ConfigError, match="reserve"):
-        max_context(SMOL, 10**9, reserve=1.5)
+    for bad in (1.5, 0.0, -0.1):
+        with pytest.raises(ConfigError, match="utilization"):
+            max_context(SMOL, 10**9, utilization=bad)
+    with pytest.raises(ConfigError, match="overhead_bytes"):
+        kv_budget_bytes(SMOL, 10**9, overhead_bytes=-1)
+
+
+def test_gpu_memory_is_what_the_device_reports_not_decimal_gigabytes():
+    assert set(GPU_MEMORY_BYTES) == set(GPU_MEMORY_MIB) == set(GPU_DATASHEET_GB)
+    for name, mib in GPU_MEMORY_MIB.items():
+        assert GPU_MEMORY_BYTES[name] == mib * 2**20
+    # an "80 GB" card reports about 80 GiB, more than 80 * 10**9 bytes
+    for name in ("H100 SXM 80GB", "A100 SXM 80GB", "H200 SXM 141GB"):
+        assert GPU_MEMORY_BYTES[name] > GPU_DATASHEET_GB[name] * 10**9
+        assert abs(GPU_MEMORY_BYTES[name] / (GPU_DATASHEET_GB[name] * 2**30) - 1) < 0.01
+
+
+def test_the_engine_share_and_the_overhead_come_out_of_the_budget():
+    c, gpu = preset("llama-3-8b"), GPU_MEMORY_BYTES["A100 SXM 80GB"]
+    full = kv_budget_bytes(c, gpu, utilization=1.0)
+    assert full == gpu - weights_bytes(c)
+    assert kv_budget_bytes(c, gpu, overhead_bytes=5 * 2**30) == \
+        kv_budget_bytes(c, gpu) - 5 * 2**30
+    assert max_batch(c, gpu, 8192, overhead_bytes=5 * 2**30) < max_batch(c, gpu, 8192)
 
 
 def test_crossover_is_the_first_length_where_the_cache_outgrows_the_weights():

@@ -116,3 +116,59 @@ def test_bad_input_is_a_clear_error():
         s.add(Request(3, 2, 1))
     with pytest.raises(ConfigError, match="timed steps"):
         StepCostModel.fit([[0]], [[1]], [0.1])
+
+
+def test_causal_pairs_are_the_same_for_any_chunking():
+    assert list(step_features([3], [2], causal=True)) == [1, 2, 3 * 2 + 3, 1]
+    n = 100
+    for chunk in (1, 7, 32, 100):
+        bounds = list(range(0, n, chunk)) + [n]
+        starts, counts = bounds[:-1], np.diff(bounds)
+        causal = sum(step_features([s], [c], causal=True)[2] for s, c in zip(starts, counts))
+        rectangle = sum(step_features([s], [c])[2] for s, c in zip(starts, counts))
+        assert causal == n * (n + 1) / 2          # the causal triangle, however it is cut
+        assert rectangle == n * n if chunk == n else rectangle < n * n
+
+
+def test_fit_with_a_known_pair_cost_recovers_the_rest(rng):
+    truth = StepCostModel(0.02, 1e-3, 2e-7, 5e-4)
+    starts = [rng.integers(0, 500, n) for n in rng.integers(1, 6, 40)]
+    counts = [rng.integers(1, 200, len(s)) for s in starts]
+    seconds = [truth.predict(s, c) for s, c in zip(starts, counts)]
+    for relative in (False, True):
+        fitted = StepCostModel.fit(starts, counts, seconds, per_pair=2e-7,
+                                   relative=relative)
+        np.testing.assert_allclose([fitted.fixed, fitted.per_token, fitted.per_pair,
+                                    fitted.per_sequence], [0.02, 1e-3, 2e-7, 5e-4],
+                                   rtol=1e-6)
+
+
+def test_a_relative_fit_weighs_short_steps_as_much_as_long_ones():
+    # one long step with a 10% error: an absolute fit bends the per-call cost to it,
+    # a relative one keeps the short steps right
+    starts = [[0]] * 6
+    counts = [[1], [2], [4], [8], [16], [1000]]
+    truth = StepCostModel(0.01, 1e-3, 0.0, 0.0)
+    seconds = [truth.predict(s, c) for s, c in zip(starts, counts)]
+    seconds[-1] *= 1.1
+    absolute = StepCostModel.fit(starts, counts, seconds, per_pair=0.0)
+    relative = StepCostModel.fit(starts, counts, seconds, per_pair=0.0, relative=True)
+    short = [truth.predict(s, c) for s, c in zip(starts[:5], counts[:5])]
+    miss = {name: max(abs(m.predict(s, c) / t - 1)
+                      for s, c, t in zip(starts[:5], counts[:5], short))
+            for name, m in (("absolute", absolute), ("relative", relative))}
+    assert miss["relative"] < miss["absolute"]
+    with pytest.raises(ConfigError, match="per_pair"):
+        StepCostModel.fit(starts, counts, seconds, per_pair=-1.0)
+
+
+def test_with_causal_pairs_a_budget_never_brings_the_first_token_earlier():
+    # chunks compute the same causal pairs and the same tokens as one shot, and every
+    # extra step pays the fixed cost again: the first token can only come later
+    cost = StepCostModel(fixed=0.03, per_token=1e-3, per_pair=3e-6, per_sequence=1e-3,
+                         causal=True)
+    # 4-token prompts: every budget (>= 16) runs the same steps until the arrival
+    requests = [Request(i, 4, 80) for i in range(4)] + [Request(9, 2048, 5, arrival=0.5)]
+    ttft = {b: simulate(requests, TokenBudgetScheduler(b), cost).ttft(9)
+            for b in (None, 16, 256, 1024)}
+    assert all(ttft[b] > ttft[None] for b in (16, 256, 1024))
