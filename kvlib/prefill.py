@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .attention import chunk_boundaries
-from .errors import ConfigError, KVLibError, ShapeError
+from .errors import ConfigError, ShapeError, TokenIdError
 
 
 def prefill_schedule(prompt_lengths, chunk_size: int) -> list[list[tuple[int, int, int]]]:
@@ -61,7 +61,7 @@ def chunked_prefill(model, prompts, cache, seq_ids, chunk_size: int,
         raise ShapeError("every prompt needs at least one token")
     vocab = model.config.vocab_size
     if any(p.min() < 0 or p.max() >= vocab for p in prompts):
-        raise KVLibError(f"token ids must lie in [0, {vocab})")
+        raise TokenIdError(f"token ids must lie in [0, {vocab})")
     cache.plan(seq_ids, [len(p) for p in prompts])  # whole prompts fit? (changes nothing)
 
     logits = np.empty((len(prompts), vocab), dtype=np.float32)

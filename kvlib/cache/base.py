@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import (ConfigError, DTypeError, KVLibError, LengthError, ShapeError,
-                      UnknownSequenceError)
+from ..errors import (ConfigError, DTypeError, DuplicateSequenceError, LayerIndexError,
+                      LengthError, ShapeError, UnknownSequenceError)
 
 BACKENDS = ("numpy", "numba")  # how a cache computes attention; see `KVCache.set_backend`
 
@@ -143,7 +143,7 @@ class KVCache(ABC):
         if len(seq_ids) != len(counts):
             raise ShapeError(f"{len(seq_ids)} sequence ids but {len(counts)} token counts")
         if len(set(seq_ids)) != len(seq_ids):
-            raise KVLibError(f"a sequence appears twice in one step: {seq_ids}")
+            raise DuplicateSequenceError(f"a sequence appears twice in one step: {seq_ids}")
         if (counts < 1).any():
             raise LengthError(f"every sequence needs at least one new token, got {counts}")
         for s in seq_ids:
@@ -176,7 +176,7 @@ class KVCache(ABC):
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
-            raise KVLibError(f"layer {layer} out of range [0, {self.n_layers})")
+            raise LayerIndexError(f"layer {layer} out of range [0, {self.n_layers})")
 
     def _check_kv(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None:
         self._check_layer(layer)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..attention import attention
 from ..config import ModelConfig
-from ..errors import KVLibError, ShapeError
+from ..errors import ContextLengthError, ShapeError, TokenIdError
 from ..masks import causal_mask
 from .files import Weights
 
@@ -53,7 +53,7 @@ class RoPE:
     def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rotate x [n_tokens, n_heads, head_dim] at `positions` [n_tokens]."""
         if positions.size and positions.max() >= len(self.cos):
-            raise KVLibError(f"position {positions.max()} is past the model's "
+            raise ContextLengthError(f"position {positions.max()} is past the model's "
                              f"context of {len(self.cos)} tokens")
         cos = self.cos[positions][:, None, :]  # [n_tokens, 1, head_dim / 2]
         sin = self.sin[positions][:, None, :]
@@ -116,10 +116,10 @@ class Llama:
         return self.logits(x, plan.offsets, all_logits)
 
     def check_token_ids(self, ids: np.ndarray) -> np.ndarray:
-        """`ids` as int64 if every id is in the vocabulary, else a `KVLibError`."""
+        """`ids` as int64 if every id is in the vocabulary, else a `TokenIdError`."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise KVLibError(f"token ids must lie in [0, {self.config.vocab_size})")
+            raise TokenIdError(f"token ids must lie in [0, {self.config.vocab_size})")
         return ids
 
     def layers(self, flat_tokens: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
