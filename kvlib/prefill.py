@@ -62,7 +62,7 @@ def chunked_prefill(model, prompts, cache, seq_ids, chunk_size: int,
     vocab = model.config.vocab_size
     if any(p.min() < 0 or p.max() >= vocab for p in prompts):
         raise TokenIdError(f"token ids must lie in [0, {vocab})")
-    cache.plan(seq_ids, [len(p) for p in prompts])  # whole prompts fit? (changes nothing)
+    cache.check(seq_ids, [len(p) for p in prompts])  # whole prompts fit? (changes nothing)
 
     logits = np.empty((len(prompts), vocab), dtype=np.float32)
     for step_index, step in enumerate(prefill_schedule([len(p) for p in prompts], chunk_size)):

@@ -3,8 +3,9 @@
 from .base import KVCache, StepPlan
 from .block_pool import BlockPool, prefix_key
 from .contiguous import ContiguousCache
+from .padded import PaddedCache
 from .paged import PagedCache, paged_cache_nbytes
 from .quantized import QuantizedCache, QuantScheme
 
-__all__ = ["KVCache", "StepPlan", "ContiguousCache", "BlockPool", "PagedCache",
+__all__ = ["KVCache", "StepPlan", "ContiguousCache", "PaddedCache", "BlockPool", "PagedCache",
            "paged_cache_nbytes", "prefix_key", "QuantizedCache", "QuantScheme"]

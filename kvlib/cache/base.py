@@ -4,7 +4,9 @@ The model never changes when the cache does. One forward step over a batch of
 sequences talks to the cache in four moves:
 
 1. ``plan = cache.plan(seq_ids, counts)`` — check that each sequence exists and has
-   room for ``counts[i]`` new tokens, and say where they go (raises before any change);
+   room for ``counts[i]`` new tokens (``cache.check``, which changes nothing and raises
+   a `CapacityError` if the step does not fit), then reserve that room and say where
+   the tokens go (``cache.reserve``: a paged cache takes its blocks here);
 2. per layer, ``cache.write(layer, plan, k, v)`` stores the new keys/values;
 3. per layer, ``cache.attend(layer, plan, q)`` returns attention of the new queries over
    everything stored for their sequence (causal, aligned bottom-right);
@@ -12,17 +14,25 @@ sequences talks to the cache in four moves:
 
 Tokens of all sequences in a step are *packed* along one axis (no padding):
 sequence i owns rows ``plan.offsets[i]:plan.offsets[i+1]``.
+
+Every check runs before anything changes, so a call that raises leaves the cache as it
+was; `unchanged_on_error` extends that promise to a sequence of bookkeeping calls
+(`generate` starts its sequences inside it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from ..errors import (ConfigError, DTypeError, DuplicateSequenceError, LayerIndexError,
-                      LengthError, ShapeError, UnknownSequenceError)
+from ..errors import (CapacityError, ConfigError, DTypeError, DuplicateSequenceError,
+                      KVLibError, LayerIndexError, LengthError, ShapeError,
+                      UnknownSequenceError)
 
 BACKENDS = ("numpy", "numba")  # how a cache computes attention; see `KVCache.set_backend`
 
@@ -35,27 +45,29 @@ class StepPlan:
         seq_ids: the sequences taking part, in packing order.
         starts: [B] tokens already cached per sequence = position of its first new token.
         counts: [B] new tokens per sequence.
+
+    The derived arrays below are computed once per plan (a plan serves every layer).
     """
 
     seq_ids: tuple[int, ...]
     starts: np.ndarray
     counts: np.ndarray
 
-    @property
+    @cached_property
     def offsets(self) -> np.ndarray:
         """[B + 1] start of each sequence's rows in the packed token axis."""
         return np.concatenate([[0], np.cumsum(self.counts)])
 
-    @property
+    @cached_property
     def n_tokens(self) -> int:
         return int(self.counts.sum())
 
-    @property
+    @cached_property
     def positions(self) -> np.ndarray:
         """[n_tokens] absolute position of every new token (each sequence its own)."""
         return np.concatenate([s + np.arange(c) for s, c in zip(self.starts, self.counts)])
 
-    @property
+    @cached_property
     def is_decode(self) -> bool:
         """True when every sequence adds exactly one token (a decode step)."""
         return bool((self.counts == 1).all())
@@ -70,6 +82,8 @@ class KVCache(ABC):
     """
 
     backend: str = "numpy"
+    STORAGE: tuple[str, ...] = ()
+    """Attributes holding stored keys/values; every other attribute is bookkeeping."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int) -> None:
         self.n_layers = n_layers
@@ -135,8 +149,45 @@ class KVCache(ABC):
     def nbytes(self) -> int:
         """Bytes really allocated: stored keys/values plus all metadata arrays."""
 
+    @property
+    @abstractmethod
+    def max_sequences(self) -> int:
+        """Most sequences the cache holds at once."""
+
+    @contextlib.contextmanager
+    def unchanged_on_error(self):
+        """Undo every bookkeeping change of the block if it raises a `KVLibError`.
+
+        For blocks that start, fork, free or check sequences but write no keys or
+        values (storage is not copied, so a block that writes cannot be undone).
+        """
+        books = copy.deepcopy({name: value for name, value in vars(self).items()
+                               if name not in self.STORAGE})
+        try:
+            yield self
+        except KVLibError:
+            vars(self).update(books)
+            raise
+
     # --- one forward step ----------------------------------------------------------
     def plan(self, seq_ids, counts) -> StepPlan:
+        """Check a step (`check`), then reserve its room (`reserve`); raises before any
+        change. The plan then serves `write`, `attend` and `commit` of every layer."""
+        return self.reserve(self.check(seq_ids, counts))
+
+    def can_fit(self, seq_ids, counts) -> bool:
+        """Whether `check` would accept the step (no `CapacityError`); changes nothing."""
+        try:
+            self.check(seq_ids, counts)
+        except CapacityError:
+            return False
+        return True
+
+    def reserve(self, plan: StepPlan) -> StepPlan:
+        """Take the room a checked plan needs (nothing to take for a reserve-max cache)."""
+        return plan
+
+    def check(self, seq_ids, counts) -> StepPlan:
         """Validate a step of `counts[i]` new tokens for `seq_ids[i]`; changes nothing."""
         seq_ids = tuple(int(s) for s in seq_ids)
         counts = np.asarray(counts, dtype=np.int64).reshape(-1)

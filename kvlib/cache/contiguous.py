@@ -27,6 +27,8 @@ class ContiguousCache(KVCache):
         backend: "numpy" or "numba" (float32 storage only), see `KVCache.set_backend`.
     """
 
+    STORAGE = ("keys", "values")
+
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int,
                  max_batch: int, max_seq: int, dtype=np.float32, backend: str = "numpy") -> None:
         if max_batch < 1 or max_seq < 1:
@@ -97,6 +99,10 @@ class ContiguousCache(KVCache):
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.lengths.nbytes + self.in_use.nbytes
+
+    @property
+    def max_sequences(self) -> int:
+        return self.max_batch
 
     # --- one forward step ----------------------------------------------------------
     def _check_room(self, plan: StepPlan) -> None:

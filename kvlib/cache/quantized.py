@@ -172,6 +172,9 @@ class QuantizedCache(KVCache):
         scheme: a `QuantScheme` (bits, key axis, group size, window, symmetric).
     """
 
+    STORAGE = ("key_codes", "value_codes", "key_scale", "value_scale", "key_zero",
+               "value_zero", "tail_keys", "tail_values")
+
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_batch: int,
                  max_seq: int, scheme: QuantScheme = QuantScheme()) -> None:
         if max_batch < 1 or max_seq < 1:
@@ -261,6 +264,10 @@ class QuantizedCache(KVCache):
                   self.key_zero, self.value_zero, self.tail_keys, self.tail_values,
                   self.lengths, self.n_quantized, self.in_use]
         return sum(a.nbytes for a in arrays if a is not None)
+
+    @property
+    def max_sequences(self) -> int:
+        return self.max_batch
 
     def dequantized(self, layer: int, seq_id: int) -> tuple[np.ndarray, np.ndarray]:
         """What attention reads for a sequence: float32 keys, values [kv_heads, length, head_dim]."""

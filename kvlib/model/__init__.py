@@ -37,7 +37,7 @@ class Model:
 
     def generate(self, prompts, cache=None, max_new_tokens: int = 32,
                  sampler: Sampler | None = None, on_token=None,
-                 batching: str = "ragged", n: int = 1,
+                 batching: str | None = None, n: int = 1,
                  prefill_chunk: int | None = None) -> list[Generation]:
         """`generate` on token-id prompts, stopping at the model's stop tokens; fills `text`."""
         results = generate(self.llama, prompts, cache, max_new_tokens, sampler,

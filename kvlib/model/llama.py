@@ -71,6 +71,7 @@ class Llama:
         self.config = config
         self.weights = weights
         self.rope = RoPE(config.head_dim, config.rope_base, config.max_position)
+        self.on_layer = None  # called as on_layer(layer, n_tokens) after each block (progress)
 
     def forward(self, tokens, cache=None, seq_ids=None, all_logits: bool = False) -> np.ndarray:
         """Run the model over a ragged batch.
@@ -148,6 +149,8 @@ class Llama:
             x = x + attn.reshape(n, cfg.n_heads * cfg.head_dim) @ w.wo.T
             h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
             x = x + (silu(h @ w.w_gate.T) * (h @ w.w_up.T)) @ w.w_down.T
+            if self.on_layer is not None:
+                self.on_layer(layer_index, n)
         return x
 
     def logits(self, x: np.ndarray, offsets: np.ndarray, all_logits: bool = False) -> np.ndarray:
