@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .attention import chunk_boundaries
+from .cache.base import Cache
 from .errors import ConfigError, ShapeError, TokenIdError
 
 
@@ -31,7 +32,7 @@ def prefill_schedule(prompt_lengths, chunk_size: int) -> list[list[tuple[int, in
             for k in range(n_steps)]
 
 
-def chunked_prefill(model, prompts, cache, seq_ids, chunk_size: int,
+def chunked_prefill(model, prompts, cache: Cache, seq_ids, chunk_size: int,
                     on_step: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
     """Prefill `prompts` into `cache` in chunks of `chunk_size` tokens per sequence.
 

@@ -104,9 +104,9 @@ def test_help_shows_defaults_and_version(capsys):
     assert capsys.readouterr().out.startswith("kvlib 0.1.0")
 
 
-def run(*args, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-m", "kvlib", *args], capture_output=True,
-                          timeout=300, env=env, **kwargs)
+def run(*args, env=None, stdout=subprocess.PIPE):
+    return subprocess.run([sys.executable, "-m", "kvlib", *args], stdout=stdout,
+                          stderr=subprocess.PIPE, timeout=300, env=env)
 
 
 def test_non_utf8_argv_bytes():

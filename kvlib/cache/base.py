@@ -27,14 +27,37 @@ import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..attention import attention
 from ..errors import (CapacityError, ConfigError, DTypeError, DuplicateSequenceError,
                       KVLibError, LayerIndexError, LengthError, ShapeError,
                       UnknownSequenceError)
+from ..masks import causal_mask
 
 BACKENDS = ("numpy", "numba")  # how a cache computes attention; see `KVCache.set_backend`
+
+DECODE_KERNELS: dict[tuple[type, str], Callable] = {}
+"""(cache class, backend) -> kernel(cache, layer, plan, q) that runs a decode step's
+attention; "numpy" needs no entry (the per-sequence loop of `KVCache.attend`)."""
+
+
+def decode_kernel(cache_type: type, backend: str):
+    """Register the decorated function as `cache_type`'s decode kernel for `backend`."""
+    def register(kernel: Callable) -> Callable:
+        DECODE_KERNELS[(cache_type, backend)] = kernel
+        return kernel
+    return register
+
+
+def kernel_for(cache_type: type, backend: str) -> Callable | None:
+    """The decode kernel of `cache_type` (or of its nearest base class) for `backend`."""
+    for cls in cache_type.__mro__:
+        if (cls, backend) in DECODE_KERNELS:
+            return DECODE_KERNELS[(cls, backend)]
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,12 +96,46 @@ class StepPlan:
         return bool((self.counts == 1).all())
 
 
+@runtime_checkable
+class Cache(Protocol):
+    """What the model and `generate` need from a KV cache (`KVCache` implements it).
+
+    Type hints name this protocol, so a signature shows what a cache must offer.
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    backend: str
+
+    def new_sequence(self) -> int: ...
+    def start_sequence(self, prompt_ids) -> tuple[int, int]: ...
+    def free(self, seq_id: int) -> None: ...
+    def length(self, seq_id: int) -> int: ...
+    def sequences(self) -> list[int]: ...
+    def reset(self) -> None: ...
+    @property
+    def max_sequences(self) -> int: ...
+    def check(self, seq_ids, counts) -> StepPlan: ...
+    def can_fit(self, seq_ids, counts) -> bool: ...
+    def reserve(self, plan: StepPlan) -> StepPlan: ...
+    def plan(self, seq_ids, counts) -> StepPlan: ...
+    def write(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None: ...
+    def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray: ...
+    def commit(self, plan: StepPlan) -> None: ...
+    def unchanged_on_error(self): ...
+
+
 class KVCache(ABC):
     """Storage of keys and values for several sequences, one layer at a time.
 
     `backend` says how `attend` computes: "numpy" (the reference, every step) or
     "numba" (a compiled kernel from `kvlib.kernels.cpu` for decode steps, where every
-    sequence adds one token; multi-token steps such as prefill stay on NumPy).
+    sequence adds one token; multi-token steps such as prefill stay on NumPy). Kernels
+    are looked up in `DECODE_KERNELS` by (cache class, backend).
+
+    A cache says how to read one sequence's keys and values (`_sequence_kv`) and, if it
+    is not the causal one, its mask (`_mask`); `attend` is written once, here.
     """
 
     backend: str = "numpy"
@@ -94,18 +151,20 @@ class KVCache(ABC):
         """Choose the attention backend (one of `BACKENDS`); returns the cache."""
         if backend not in BACKENDS:
             raise ConfigError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        if backend == "numba":
-            self._check_numba_supported()
+        if backend != "numpy":
+            if kernel_for(type(self), backend) is None:
+                raise ConfigError(f"{type(self).__name__} has no {backend} attention kernel")
+            self._check_kernel(backend)
         self.backend = backend
         return self
 
-    def _check_numba_supported(self) -> None:
-        """Raise `ConfigError` if this cache has no Numba kernel (override when it has)."""
-        raise ConfigError(f"{type(self).__name__} has no Numba attention kernel")
-
-    def _use_kernel(self, plan: "StepPlan") -> bool:
-        """Whether `attend` should call the compiled decode kernel for this step."""
-        return self.backend == "numba" and plan.is_decode
+    def _check_kernel(self, backend: str) -> None:
+        """Raise `ConfigError` if this cache's data cannot go through its `backend` kernel.
+        By default: float `keys`/`values` arrays must be float32 (what the kernels read)."""
+        keys = getattr(self, "keys", None)
+        if keys is not None and keys.dtype != np.float32:
+            raise ConfigError(f"the {backend} kernel reads float32 keys/values; this cache "
+                              f"stores {keys.dtype}")
 
     # --- sequences -----------------------------------------------------------------
     @abstractmethod
@@ -212,9 +271,32 @@ class KVCache(ABC):
     def write(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None:
         """Store `k`, `v` ([plan.n_tokens, n_kv_heads, head_dim]) for one layer."""
 
-    @abstractmethod
     def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
-        """Attention of q ([n_tokens, n_heads, head_dim]) over each sequence's cache."""
+        """Attention of q ([n_tokens, n_heads, head_dim]) over each sequence's cache.
+
+        A decode step on a compiled backend runs its kernel; anything else loops over
+        the sequences in NumPy: read the sequence's keys/values, mask, attend.
+        """
+        self._check_q(layer, plan, q)
+        if self.backend != "numpy" and plan.is_decode:
+            return kernel_for(type(self), self.backend)(self, layer, plan, q)
+        out = np.empty_like(q)
+        for i in range(len(plan.seq_ids)):
+            k, v = self._sequence_kv(layer, plan, i)
+            rows = slice(plan.offsets[i], plan.offsets[i + 1])
+            out[rows] = attention(q[rows], k, v, self._mask(plan, i))
+        return out
+
+    @abstractmethod
+    def _sequence_kv(self, layer: int, plan: StepPlan, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 keys, values [kv_heads, starts[i] + counts[i], head_dim] that the plan's
+        i-th sequence attends to in `layer` (this step's tokens already written)."""
+
+    def _mask(self, plan: StepPlan, i: int) -> np.ndarray | None:
+        """[n_new, n_past + n_new] mask of the plan's i-th sequence (None: sees all):
+        causal, aligned bottom-right."""
+        n_past, n_new = int(plan.starts[i]), int(plan.counts[i])
+        return causal_mask(n_new, n_past) if n_new > 1 else None
 
     @abstractmethod
     def commit(self, plan: StepPlan) -> None:

@@ -98,7 +98,7 @@ class PaddedCache(ContiguousCache):
     def _mask(self, plan: PaddedPlan, i: int) -> np.ndarray:
         return plan.mask[i]
 
-    def _check_numba_supported(self) -> None:
+    def _check_kernel(self, backend: str) -> None:
         raise ConfigError("the Numba decode kernel has no padding mask; a padded batch "
                           "attends with the NumPy backend")
 

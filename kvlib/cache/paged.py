@@ -20,11 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..attention import attention
 from ..errors import CapacityError, ConfigError, DoubleFreeError, LengthError, OutOfBlocksError
 from ..errors import UnknownSequenceError
-from ..masks import causal_mask
-from .base import KVCache, StepPlan
+from .base import KVCache, StepPlan, decode_kernel
 from .block_pool import BlockPool, block_pool_nbytes, prefix_keys
 
 
@@ -339,31 +337,11 @@ class PagedCache(KVCache):
         self.keys[layer, blocks, :, offsets] = k
         self.values[layer, blocks, :, offsets] = v
 
-    def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
-        """Per sequence: gather the blocks its table names (only those), then attend.
-        With the Numba backend, a decode step walks the block tables inside the kernel."""
-        self._check_q(layer, plan, q)
-        if self._use_kernel(plan):
-            from ..kernels.cpu import decode_paged
-
-            return decode_paged(q, self.keys[layer], self.values[layer], plan.tables,
-                                plan.starts + 1)
-        out = np.empty_like(q)
-        offsets = plan.offsets
-        for i, s in enumerate(plan.seq_ids):
-            n_past, n_new = int(plan.starts[i]), int(plan.counts[i])
-            end = n_past + n_new
-            table = self.block_tables[self._row_of[s], :blocks_for(end, self.block_size)]
-            k, v = (self._gather(store[layer], table, end) for store in (self.keys, self.values))
-            rows = slice(offsets[i], offsets[i + 1])
-            mask = causal_mask(n_new, n_past) if n_new > 1 else None
-            out[rows] = attention(q[rows], k, v, mask)
-        return out
-
-    def _check_numba_supported(self) -> None:
-        if self.keys.dtype != np.float32:
-            raise ConfigError(f"the Numba kernel reads float32 keys/values; this cache "
-                              f"stores {self.keys.dtype}")
+    def _sequence_kv(self, layer: int, plan: StepPlan, i: int):
+        """Gather the blocks the sequence's table names (only those)."""
+        end = int(plan.starts[i] + plan.counts[i])
+        table = self.block_tables[self._row_of[plan.seq_ids[i]], :blocks_for(end, self.block_size)]
+        return tuple(self._gather(store[layer], table, end) for store in (self.keys, self.values))
 
     def _gather(self, store: np.ndarray, table: np.ndarray, n_tokens: int) -> np.ndarray:
         """[kv_heads, n_tokens, head_dim] from the blocks `table` of one layer's store."""
@@ -404,3 +382,12 @@ class PagedCache(KVCache):
             self.pool.release(int(self.block_tables[row, i]))
             self.block_tables[row, i] = -1
         self.table_lengths[row] = min(keep, int(self.table_lengths[row]))
+
+
+@decode_kernel(PagedCache, "numba")
+def _decode_numba(cache: PagedCache, layer: int, plan: PagedStepPlan, q: np.ndarray):
+    """The kernel walks the step's block tables (built once per step, in `reserve`)."""
+    from ..kernels.cpu import decode_paged
+
+    return decode_paged(q, cache.keys[layer], cache.values[layer], plan.tables,
+                        plan.starts + 1)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..batching import padded_forward
-from ..cache.base import KVCache
+from ..cache.base import Cache
 from ..cache.padded import PaddedCache
 from ..errors import CapacityError, ConfigError, ContextLengthError
 from ..prefill import chunked_prefill
@@ -83,7 +83,7 @@ class Recompute:
 class Packed:
     """A KV cache, new tokens of all sequences packed along one axis (no padding)."""
 
-    def __init__(self, llama, cache: KVCache) -> None:
+    def __init__(self, llama, cache: Cache) -> None:
         self.llama = llama
         self.cache = cache
         self.seq_of: dict[int, int] = {}  # result index -> the cache's sequence id
@@ -139,7 +139,7 @@ class Padded(Packed):
         return padded_forward(self.llama, tokens, self.cache, seqs)
 
 
-def strategy_for(llama, cache: KVCache | None, batching: str | None = None):
+def strategy_for(llama, cache: Cache | None, batching: str | None = None):
     """The step strategy for `cache`: `Recompute` (None), `Padded` (a `PaddedCache`) or
     `Packed`. `batching` ("ragged" or "padded") may force one of the last two."""
     if batching not in (None, "ragged", "padded"):
@@ -154,7 +154,7 @@ def strategy_for(llama, cache: KVCache | None, batching: str | None = None):
     return Packed(llama, cache)
 
 
-def generate(model, prompts: list[list[int]], cache: KVCache | None = None,
+def generate(model, prompts: list[list[int]], cache: Cache | None = None,
              max_new_tokens: int = 32, sampler: Sampler | None = None, stop_ids=frozenset(),
              on_token: Callable[[int, int], None] | None = None,
              batching: str | None = None, n: int = 1,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..attention import attention
+from ..cache.base import Cache
 from ..config import ModelConfig
 from ..errors import ContextLengthError, ShapeError, TokenIdError
 from ..masks import causal_mask
@@ -73,7 +74,8 @@ class Llama:
         self.rope = RoPE(config.head_dim, config.rope_base, config.max_position)
         self.on_layer = None  # called as on_layer(layer, n_tokens) after each block (progress)
 
-    def forward(self, tokens, cache=None, seq_ids=None, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: Cache | None = None, seq_ids=None,
+                all_logits: bool = False) -> np.ndarray:
         """Run the model over a ragged batch.
 
         Args:
