@@ -58,7 +58,8 @@ def caches(cfg):
 @pytest.mark.parametrize("kind", ["contiguous", "padded", "int4", "paged"])
 def test_every_error_of_generate_leaves_the_cache_as_it_was(model, prompt_ids, kind):
     cfg = model.config
-    short = prompt_ids[1][:12]
+    text = prompt_ids[0] * 2  # any valid ids do: the lengths are what matter
+    short = text[:12]
     cache = busy(caches(cfg)[kind], model, short)
     paged = kind == "paged"
     bad_calls = [
@@ -68,11 +69,11 @@ def test_every_error_of_generate_leaves_the_cache_as_it_was(model, prompt_ids, k
         (ConfigError, dict(prompts=[[]])),
         (TokenIdError, dict(prompts=[[1, cfg.vocab_size]])),
         (CapacityError, dict(prompts=[short] * 3)),                  # more sequences than rows
-        ((CapacityError, LengthError), dict(prompts=[prompt_ids[0][:41]])),  # past max_seq
+        ((CapacityError, LengthError), dict(prompts=[text[:41]])),  # past max_seq
         (ContextLengthError, dict(prompts=[[1] * (cfg.max_position + 1)])),
     ]
     if paged:
-        bad_calls += [(OutOfBlocksError, dict(prompts=[short, prompt_ids[2][:16]])),
+        bad_calls += [(OutOfBlocksError, dict(prompts=[short, text[20:36]])),
                       (CapacityError, dict(prompts=[short], n=3))]
     else:
         bad_calls += [(ConfigError, dict(prompts=[short], n=2))]  # cannot fork
@@ -84,7 +85,7 @@ def test_every_error_of_generate_leaves_the_cache_as_it_was(model, prompt_ids, k
 
 
 def test_out_of_blocks_mid_decode_keeps_the_tokens(model, prompt_ids):
-    prompt = prompt_ids[1][:10]
+    prompt = (prompt_ids[0] * 2)[:10]
     full = generate(model.llama, [prompt], None, max_new_tokens=12)[0]
     cache = PagedCache.from_config(model.config, num_blocks=4, block_size=4, max_seqs=1,
                                    max_seq_len=64)
@@ -96,7 +97,7 @@ def test_out_of_blocks_mid_decode_keeps_the_tokens(model, prompt_ids):
 
 
 def test_a_full_contiguous_row_stops_that_sequence_only(model, prompt_ids):
-    a, b = prompt_ids[1][:6], prompt_ids[1][:9]
+    a, b = prompt_ids[0][:6], prompt_ids[0][:9]
     cache = ContiguousCache.from_config(model.config, max_batch=2, max_seq=14)
     results = generate(model.llama, [a, b], cache, max_new_tokens=8)
     alone = [generate(model.llama, [p], None, max_new_tokens=8)[0] for p in (a, b)]
@@ -108,7 +109,7 @@ def test_a_full_contiguous_row_stops_that_sequence_only(model, prompt_ids):
 def test_the_end_of_the_context_stops_with_finish_reason_context(model, prompt_ids):
     short_context = dataclasses.replace(model.config, max_position=12)
     llama = Llama(short_context, model.llama.weights)
-    prompt = prompt_ids[1][:8]
+    prompt = prompt_ids[0][:8]
     result = generate(llama, [prompt], None, max_new_tokens=10)[0]
     assert result.finish_reason == "context"
     assert len(result.token_ids) == 12 - len(prompt) + 1  # fed up to position 11
