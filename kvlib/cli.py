@@ -1,18 +1,208 @@
-"""Command line: `kvlib generate "prompt"` and friends (`python -m kvlib` works the same)."""
+"""Command line: `kvlib generate "prompt"` and friends (`python -m kvlib` works the same).
+
+Every bad input ends in one line `kvlib: error: ...` on stderr and exit status 2 (130
+on Ctrl-C), never a traceback. Input is checked before the model is loaded: options
+against each other, prompts and texts as UTF-8, and lengths against the model's
+context, read from the model file's metadata without its weights.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 
+from . import __version__
 from .errors import ConfigError, KVLibError
 
-
 QUANTIZED = {"int8": 8, "int4": 4, "int2": 2}
+QUANT_OPTIONS = ("group_size", "window", "key_axis", "symmetric")
+PROGRESS_TOKENS = 256  # prompts at least this long show a progress bar over the layers
 
 
+class OutputError(KVLibError):
+    """stdout cannot be written (a closed pipe, a full disk)."""
+
+
+# --- argument types: each names what is wrong; argparse adds the flag -----------------
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def at_least(low: int):
+    """An argparse type: a whole number >= `low`."""
+    def parse(text: str) -> int:
+        value = _whole(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def finite_float(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high])."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) \
+                or value > high:
+            where = (f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf
+                     else f"{'>' if low_open else '>='} {low:g}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line `kvlib: error: ...` (exit 2), no usage block."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"kvlib: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --- checks before any work --------------------------------------------------------
+def _given(args, dest: str) -> bool:
+    """Whether an option differs from its default (the user gave it)."""
+    return getattr(args, dest) != args.parser.get_default(dest)
+
+
+def _refuse_unused(args, dests, reason: str) -> None:
+    """Refuse options that would be silently ignored."""
+    for dest in dests:
+        if _given(args, dest):
+            raise ConfigError(f"--{dest.replace('_', '-')} {reason}")
+
+
+def _check_generate_options(args) -> None:
+    cache = args.cache
+    if cache != "paged":
+        _refuse_unused(args, ["block_size", "num_blocks"], "applies only to --cache paged")
+    if cache not in QUANTIZED:
+        _refuse_unused(args, QUANT_OPTIONS, "applies only to --cache int8, int4 or int2")
+    if args.temperature == 0:
+        _refuse_unused(args, ["top_k", "top_p", "seed"],
+                       "applies only when sampling (--temperature above 0)")
+    if args.batching == "padded" and cache != "contiguous":
+        raise ConfigError("--batching padded stores the padding in the float32 contiguous "
+                          f"cache; it cannot run with --cache {cache}")
+    if args.n > 1 and cache not in ("paged", "none"):
+        raise ConfigError(f"--n {args.n} shares the prompt by forking its sequence; "
+                          f"--cache {cache} cannot fork (use --cache paged)")
+    if args.prefill_chunk is not None and cache == "none":
+        raise ConfigError("--prefill-chunk feeds the prompt through a cache; "
+                          "it cannot run with --cache none")
+    if args.prefill_chunk is not None and args.batching == "padded":
+        raise ConfigError("--prefill-chunk runs on the ragged path; "
+                          "it cannot run with --batching padded")
+    if args.backend == "cuda":                     # before loading the model: fail fast
+        if cache != "paged":
+            raise ConfigError("--backend cuda runs the paged cache's numba.cuda kernel; "
+                              "add --cache paged")
+        from .kernels.cuda import require_device
+
+        require_device()
+    if args.backend == "numba":
+        if cache == "none" or args.batching == "padded" or cache in ("int4", "int2"):
+            what = "--batching padded" if args.batching == "padded" else f"--cache {cache}"
+            raise ConfigError(f"--backend numba has no kernel for {what}; "
+                              "use --backend numpy")
+
+
+def _check_utf8(text: str, what: str) -> str:
+    """`text` if it is valid Unicode (argv bytes that are not UTF-8 arrive as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(f"{what} is not valid UTF-8 (at character {err.start})") from None
+    return text
+
+
+def _check_context(n_tokens: int, n_new: int, context: int, what: str) -> None:
+    if n_tokens + n_new > context:
+        room = max(context - n_tokens, 0)
+        raise ConfigError(f"{what} has {n_tokens} tokens; with --max-new-tokens {n_new} that "
+                          f"is {n_tokens + n_new}, past the model's context of {context} "
+                          f"(at most {room} new tokens fit)")
+
+
+def _read_text(path) -> str:
+    """A UTF-8 text file, or a one-line error naming --text."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as err:
+        raise ConfigError(f"cannot read --text {path}: {err.strerror}") from None
+    if b"\0" in data:
+        raise ConfigError(f"--text {path} is a binary file (it holds NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--text {path} is not UTF-8 text (byte {data[err.start]:#04x} at "
+                          f"offset {err.start})") from None
+
+
+# --- output ------------------------------------------------------------------------
+def emit(text: str = "", end: str = "\n") -> None:
+    """Write to stdout now; a closed pipe or a full disk becomes an `OutputError`."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except OSError as err:
+        raise OutputError(f"cannot write to stdout: {err.strerror or err}") from None
+
+
+class TokenStream:
+    """Prints one completion's text as its tokens arrive (a terminal on stdout).
+
+    Tokens are decoded together and only the new characters printed, so a character
+    split over two tokens appears once it is whole.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def __call__(self, index: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        if text.endswith("\ufffd"):  # a character cut in half: wait for the next token
+            return
+        emit(text[self.shown:], end="")
+        self.shown = len(text)
+
+
+def _layer_progress(llama, n_tokens: int, quiet: bool):
+    """A progress bar over the layers of a long prompt's prefill (None if not needed)."""
+    if quiet or n_tokens < PROGRESS_TOKENS:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=llama.config.n_layers, desc=f"prefill ({n_tokens} tokens)",
+               unit="layer", leave=False)
+
+    def on_layer(layer: int, n: int) -> None:
+        if n >= PROGRESS_TOKENS:
+            bar.update(1)
+    llama.on_layer = on_layer
+    return bar
+
+
+# --- commands ----------------------------------------------------------------------
 def _scheme(args):
     """The `QuantScheme` named by --cache intN and the quantization options."""
     from .cache import QuantScheme
@@ -21,54 +211,58 @@ def _scheme(args):
                        args.symmetric)
 
 
-def _make_cache(args, model, prompts):
+def _make_cache(args, config, prompts):
     """The cache named by --cache, sized for this batch (None for recompute)."""
-    from .batching import PaddedCache
-    from .cache import ContiguousCache, PagedCache, QuantizedCache
+    from .cache import ContiguousCache, PaddedCache, PagedCache, QuantizedCache
     from .cache.paged import blocks_for
 
-    if args.batching == "padded" and args.cache != "contiguous":
-        raise ConfigError("--batching padded stores the padding in the float32 contiguous "
-                          f"cache; it cannot run with --cache {args.cache}")
     if args.cache == "none":
         return None
     longest = max(len(p) for p in prompts) + args.max_new_tokens
     if args.cache in QUANTIZED:
-        cache = QuantizedCache.from_config(model.config, max_batch=len(prompts),
+        cache = QuantizedCache.from_config(config, max_batch=len(prompts),
                                            max_seq=longest, scheme=_scheme(args))
     elif args.cache == "paged":
         # enough blocks for every sample to grow to the longest length, even unshared
         num_blocks = args.num_blocks or len(prompts) * args.n * blocks_for(longest, args.block_size)
-        cache = PagedCache.from_config(model.config, num_blocks=num_blocks,
+        cache = PagedCache.from_config(config, num_blocks=num_blocks,
                                        block_size=args.block_size,
                                        max_seqs=len(prompts) * args.n, max_seq_len=longest)
     else:
         kind = PaddedCache if args.batching == "padded" else ContiguousCache
-        cache = kind.from_config(model.config, max_batch=len(prompts), max_seq=longest)
+        cache = kind.from_config(config, max_batch=len(prompts), max_seq=longest)
     return cache.set_backend(args.backend)
 
 
 def cmd_generate(args) -> int:
-    from .model import Sampler, load_model
+    from .model import ModelFile, Sampler
 
-    if args.backend == "cuda":  # before loading the model: fail fast
-        if args.cache != "paged":
-            raise ConfigError("--backend cuda runs the paged cache's numba.cuda kernel; "
-                              "add --cache paged")
-        from .kernels.cuda import require_device
-
-        require_device()
-    model = load_model(progress=not args.quiet)
-    prompts = [model.encode(p, chat=args.chat) for p in args.prompts]
+    _check_generate_options(args)
+    texts = [_check_utf8(p, f"PROMPT {i + 1}") for i, p in enumerate(args.prompts)]
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.n < 1 or args.block_size < 1 or (args.num_blocks is not None and args.num_blocks < 1):
-        raise ConfigError("--n, --block-size and --num-blocks must be positive")
-    cache = _make_cache(args, model, prompts)
+    file = ModelFile()
+    prompts = [file.tokenizer.encode_chat(t) if args.chat else file.tokenizer.encode(t)
+               for t in texts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ConfigError(f"PROMPT {i + 1} is empty")
+        _check_context(len(p), args.max_new_tokens, file.config.max_position,
+                       f"PROMPT {i + 1}")
+    cache = _make_cache(args, file.config, prompts)
+    model = file.load(progress=not args.quiet)
+    n_results = len(prompts) * args.n
+    stream = TokenStream(model.tokenizer) if (
+        n_results == 1 and not args.json and sys.stdout.isatty()) else None
+    bar = _layer_progress(model.llama, max(map(len, prompts)), args.quiet)
 
     start = time.perf_counter()
-    results = model.generate(prompts, cache=cache, max_new_tokens=args.max_new_tokens,
-                             sampler=sampler, batching=args.batching, n=args.n,
-                             prefill_chunk=args.prefill_chunk)
+    try:
+        results = model.generate(prompts, cache=cache, max_new_tokens=args.max_new_tokens,
+                                 sampler=sampler, on_token=stream, n=args.n,
+                                 prefill_chunk=args.prefill_chunk)
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - start
     n_new = sum(len(r.token_ids) for r in results)
 
@@ -78,9 +272,19 @@ def cmd_generate(args) -> int:
             row = {"prompt": text, "prompt_ids": r.prompt_ids, "token_ids": r.token_ids,
                    "text": r.text, "finish_reason": r.finish_reason, "cache": args.cache,
                    "batching": args.batching}
-            print(json.dumps(row | ({"sample": sample} if args.n > 1 else {})))
-        else:
-            print(r.text)
+            emit(json.dumps(row | ({"sample": sample} if args.n > 1 else {})))
+            continue
+        if n_results > 1:  # completions may hold newlines: a header tells them apart
+            which = f", sample {sample + 1} of {args.n}" if args.n > 1 else ""
+            emit(f"--- completion {index + 1} of {n_results} (prompt {index // args.n + 1}"
+                 f"{which}) ---")
+        emit("" if stream is not None else r.text)
+        if r.finish_reason not in ("stop", "length"):
+            from .model.generate import FINISH_REASONS
+
+            print(f"kvlib: completion {index + 1} stopped early: "
+                  f"{FINISH_REASONS[r.finish_reason]} (finish_reason {r.finish_reason}); "
+                  f"its {len(r.token_ids)} tokens are kept", file=sys.stderr)
     if not args.quiet:
         print(f"{n_new} tokens in {seconds:.2f} s ({n_new / seconds:.1f} tokens/s, "
               f"cache={args.cache}, batching={args.batching})", file=sys.stderr)
@@ -117,8 +321,8 @@ def cmd_memory(args) -> int:
             window = f", window {config.sliding_window}" if config.sliding_window else ""
             kv = (f"latent {config.kv_lora_rank} + RoPE key {config.rope_head_dim}"
                   if config.attention_kind == "MLA" else f"{config.n_kv_heads} KV heads")
-            print(f"{name:14s} {config.attention_kind}  {config.n_layers} layers, "
-                  f"{config.n_heads} heads, {kv}, head dim {config.head_dim}{window}")
+            emit(f"{name:14s} {config.attention_kind}  {config.n_layers} layers, "
+                 f"{config.n_heads} heads, {kv}, head dim {config.head_dim}{window}")
         return 0
     if args.model is None or args.tokens is None:
         raise ConfigError("memory needs --model NAME and --tokens N (or --list)")
@@ -128,17 +332,29 @@ def cmd_memory(args) -> int:
     total = kv_cache_bytes(config, args.tokens, args.batch, args.dtype, args.group_size)
     kept = cached_tokens(config, args.tokens)
     if args.json:
-        print(json.dumps({"model": args.model, "attention": config.attention_kind,
-                          "dtype": args.dtype, "group_size": storage.group_size,
-                          "tokens": args.tokens, "cached_tokens": kept, "batch": args.batch,
-                          "bytes_per_token": per_token, "total_bytes": total}))
+        emit(json.dumps({"model": args.model, "attention": config.attention_kind,
+                         "dtype": args.dtype, "group_size": storage.group_size,
+                         "tokens": args.tokens, "cached_tokens": kept, "batch": args.batch,
+                         "bytes_per_token": per_token, "total_bytes": total}))
     else:
         window = f" (a sliding window keeps {kept})" if kept != args.tokens else ""
-        print(f"{args.model} ({config.attention_kind}), {args.dtype}: "
-              f"{per_token:,} bytes per token ({format_bytes(per_token)})")
-        print(f"{args.batch} x {args.tokens:,} tokens{window}: "
-              f"{total:,} bytes ({format_bytes(total)})")
+        emit(f"{args.model} ({config.attention_kind}), {args.dtype}: "
+             f"{per_token:,} bytes per token ({format_bytes(per_token)})")
+        emit(f"{args.batch} x {args.tokens:,} tokens{window}: "
+             f"{total:,} bytes ({format_bytes(total)})")
     return 0
+
+
+class _CountingModel:
+    """A model whose forward steps advance a progress bar by the tokens they run."""
+
+    def __init__(self, model, bar) -> None:
+        self.model, self.bar, self.config = model, bar, model.config
+
+    def forward(self, tokens, *args, **kwargs):
+        logits = self.model.forward(tokens, *args, **kwargs)
+        self.bar.update(sum(len(t) for t in tokens))
+        return logits
 
 
 def cmd_perplexity(args) -> int:
@@ -146,61 +362,76 @@ def cmd_perplexity(args) -> int:
     from .cache import QuantizedCache
     from .cache.quantized import float32_token_bytes, sequence_bytes_per_token
     from .evaluate import EVAL_TEXT_PATH, teacher_forced, top1_agreement
-    from .model import load_model
+    from .model import ModelFile
 
+    if args.cache not in QUANTIZED:
+        _refuse_unused(args, QUANT_OPTIONS, "applies only to --cache int8, int4 or int2")
     path = args.text or EVAL_TEXT_PATH
-    try:
-        text = open(path, encoding="utf-8").read()
-    except OSError as err:
-        raise ConfigError(f"cannot read --text {path}: {err.strerror}") from None
-    model = load_model(progress=not args.quiet)
-    ids = model.encode(text)
-    cfg = model.config
+    text = _read_text(path)
+    file = ModelFile()
+    ids = file.tokenizer.encode(text)
+    cfg = file.config
+    if len(ids) < 2:
+        raise ConfigError(f"--text {path} has {len(ids)} tokens; perplexity needs at least 2")
+    if len(ids) > cfg.max_position:
+        raise ConfigError(f"--text {path} has {len(ids)} tokens, past the model's context of "
+                          f"{cfg.max_position}; use a shorter text")
+    scheme = _scheme(args) if args.cache in QUANTIZED else None
+    model = file.load(progress=not args.quiet)
     shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
-    reference = teacher_forced(model, ids, None, args.first_chunk, args.chunk)
-    if args.cache in QUANTIZED:
-        scheme = _scheme(args)
-        cache = QuantizedCache.from_config(cfg, max_batch=1, max_seq=len(ids), scheme=scheme)
-        result = teacher_forced(model, ids, cache, args.first_chunk, args.chunk)
-        name, per_token = scheme.name, sequence_bytes_per_token(*shape, scheme, len(ids))
-    else:
-        result, name, per_token = reference, "float32", float32_token_bytes(*shape)
+    from tqdm.auto import tqdm
+
+    passes = 2 if scheme is not None else 1
+    with tqdm(total=passes * len(ids), desc="perplexity", unit="token",
+              disable=args.quiet, leave=False) as bar:
+        counting = _CountingModel(model, bar)
+        reference = teacher_forced(counting, ids, None, args.first_chunk, args.chunk)
+        if scheme is not None:
+            cache = QuantizedCache.from_config(cfg, max_batch=1, max_seq=len(ids),
+                                               scheme=scheme)
+            result = teacher_forced(counting, ids, cache, args.first_chunk, args.chunk)
+            name, per_token = scheme.name, sequence_bytes_per_token(*shape, scheme, len(ids))
+        else:
+            result, name, per_token = reference, "float32", float32_token_bytes(*shape)
     report = {"text": str(path), "tokens": len(ids), "cache": name,
               "perplexity": result.perplexity, "float32_perplexity": reference.perplexity,
               "top1_agreement": top1_agreement(result, reference),
               "bytes_per_token": per_token,
               "float32_bytes_per_token": float32_token_bytes(*shape)}
     if args.json:
-        print(json.dumps(report))
+        emit(json.dumps(report))
     else:
-        print(f"{name}: perplexity {report['perplexity']:.4f} (float32 "
-              f"{report['float32_perplexity']:.4f}), top-1 agreement "
-              f"{report['top1_agreement']:.2%}, {per_token:,.0f} bytes/token "
-              f"over {len(ids)} tokens")
+        emit(f"{name}: perplexity {report['perplexity']:.4f} (float32 "
+             f"{report['float32_perplexity']:.4f}), top-1 agreement "
+             f"{report['top1_agreement']:.2%}, {per_token:,.0f} bytes/token "
+             f"over {len(ids)} tokens")
     return 0
 
 
 def _add_quantization_options(parser) -> None:
-    parser.add_argument("--group-size", type=int, default=32, metavar="G",
+    parser.add_argument("--group-size", type=at_least(1), default=32, metavar="G",
                         help="channels per scale (per-token data) or tokens per scale "
-                             "(per-channel keys); default 32")
-    parser.add_argument("--window", type=int, default=0, metavar="R",
-                        help="most recent tokens kept in float32 (default 0)")
+                             "(per-channel keys)")
+    parser.add_argument("--window", type=at_least(0), default=0, metavar="R",
+                        help="most recent tokens kept in float32")
     parser.add_argument("--key-axis", choices=["token", "channel"], default="channel",
-                        help="quantize keys per channel (KIVI, default) or per token; "
+                        help="quantize keys per channel (KIVI) or per token; "
                              "values are always per token")
     parser.add_argument("--symmetric", action="store_true",
                         help="scale only, no zero point (default: asymmetric)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvlib", description=__doc__)
+    parser = Parser(prog="kvlib", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"kvlib {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text with SmolLM2-135M-Instruct")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT",
                      help="one or more prompts, decoded together as one batch")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=at_least(0), default=64,
+                     help="most tokens generated per prompt (prompt + these must fit the "
+                          "model's context)")
     gen.add_argument("--cache", choices=["none", "contiguous", "paged", *QUANTIZED],
                      default="contiguous",
                      help="none recomputes every token's keys and values at every step; "
@@ -209,13 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batching", choices=["ragged", "padded"], default="ragged",
                      help="how prompts of different lengths share a batch: ragged packs "
                           "them with no padding; padded left-pads them into a rectangle")
-    gen.add_argument("--block-size", type=int, default=16,
+    gen.add_argument("--block-size", type=at_least(1), default=16,
                      help="tokens per block of the paged cache")
-    gen.add_argument("--num-blocks", type=int, default=None,
-                     help="blocks in the paged pool (default: enough for the batch)")
-    gen.add_argument("--n", type=int, default=1, metavar="K",
+    gen.add_argument("--num-blocks", type=at_least(1), default=None,
+                     help="blocks in the paged pool (None: enough for the batch)")
+    gen.add_argument("--n", type=at_least(1), default=1, metavar="K",
                      help="K samples per prompt; the paged cache shares the prompt's blocks")
-    gen.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
+    gen.add_argument("--prefill-chunk", type=at_least(1), default=None, metavar="C",
                      help="feed each prompt through the cache C tokens at a time "
                           "(chunked prefill; needs a cache)")
     gen.add_argument("--backend", choices=["numpy", "numba", "cuda"], default="numpy",
@@ -224,14 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "with NUMBA_ENABLE_CUDASIM=1)")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument("--temperature", type=finite_float(0.0), default=0.0,
+                     help="0 = greedy")
+    gen.add_argument("--top-k", type=at_least(1), default=None,
+                     help="sample among the K most likely tokens (None: all)")
+    gen.add_argument("--top-p", type=finite_float(0.0, 1.0, low_open=True), default=None,
+                     help="sample among the most likely tokens that reach this "
+                          "probability (None: all)")
+    gen.add_argument("--seed", type=at_least(0), default=0, help="seed of the sampler")
+    gen.add_argument("--json", action="store_true", help="one JSON object per completion")
     gen.add_argument("--quiet", action="store_true", help="no progress or timing on stderr")
     _add_quantization_options(gen)
-    gen.set_defaults(run=cmd_generate)
+    gen.set_defaults(run=cmd_generate, parser=gen)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True)
@@ -240,68 +475,70 @@ def build_parser() -> argparse.ArgumentParser:
                           "bandwidth roof of this machine")
     att.add_argument("--backend", nargs="+", default=["numpy", "numba"], dest="backends",
                      help="attention backends to time (see kvlib.bench.ATTENTION_BACKENDS)")
-    att.add_argument("--batch", nargs="+", type=int, default=[1, 8], dest="batches")
-    att.add_argument("--context", nargs="+", type=int, default=[1024, 8192], dest="contexts")
-    att.add_argument("--repeats", type=int, default=5)
-    att.add_argument("--array-mb", type=int, default=128,
+    att.add_argument("--batch", nargs="+", type=at_least(1), default=[1, 8], dest="batches")
+    att.add_argument("--context", nargs="+", type=at_least(1), default=[1024, 8192],
+                     dest="contexts")
+    att.add_argument("--repeats", type=at_least(1), default=5)
+    att.add_argument("--array-mb", type=at_least(1), default=128,
                      help="size of each array of the bandwidth measurement (MiB)")
     att.add_argument("--json", action="store_true", help="one JSON object per row")
     att.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    att.set_defaults(run=cmd_bench_attention)
+    att.set_defaults(run=cmd_bench_attention, parser=att)
 
     mem = sub.add_parser("memory", help="KV cache bytes of a real model (see --list)")
     mem.add_argument("--model", help="a preset name, e.g. llama-3-8b")
-    mem.add_argument("--tokens", type=int, help="tokens per sequence")
-    mem.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    mem.add_argument("--tokens", type=at_least(1), help="tokens per sequence")
+    mem.add_argument("--batch", type=at_least(1), default=1, help="sequences")
     mem.add_argument("--dtype", default="fp16",
-                     help="storage type: fp32, fp16, bf16, fp8, int8, int4, int2 (default fp16)")
-    mem.add_argument("--group-size", type=int, default=None,
-                     help="numbers per scale for int types (default 32)")
+                     help="storage type: fp32, fp16, bf16, fp8, int8, int4, int2")
+    mem.add_argument("--group-size", type=at_least(1), default=None,
+                     help="numbers per scale for int types (None: 32)")
     mem.add_argument("--json", action="store_true", help="one JSON object")
     mem.add_argument("--list", action="store_true", help="list the model presets")
-    mem.set_defaults(run=cmd_memory)
+    mem.set_defaults(run=cmd_memory, parser=mem)
 
     ppl = sub.add_parser("perplexity", help="teacher-forced perplexity of a text through a "
                                             "cache, and top-1 agreement with float32")
     ppl.add_argument("--text", default=None, metavar="FILE",
-                     help="a UTF-8 text file (default: the book's evaluation text)")
+                     help="a UTF-8 text file (None: the book's evaluation text)")
     ppl.add_argument("--cache", choices=["contiguous", *QUANTIZED], default="int8",
                      help="the cache to measure (contiguous = float32)")
     _add_quantization_options(ppl)
-    ppl.add_argument("--first-chunk", type=int, default=128, help="tokens of the first step")
-    ppl.add_argument("--chunk", type=int, default=64, help="tokens per later step")
+    ppl.add_argument("--first-chunk", type=at_least(1), default=128,
+                     help="tokens of the first step")
+    ppl.add_argument("--chunk", type=at_least(1), default=64, help="tokens per later step")
     ppl.add_argument("--json", action="store_true", help="one JSON object")
     ppl.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    ppl.set_defaults(run=cmd_perplexity)
+    ppl.set_defaults(run=cmd_perplexity, parser=ppl)
 
     roof = sub.add_parser("roofline", help="a decode step of a real model on a GPU's "
                                            "roofline: intensity, bound, predicted time")
     roof.add_argument("--gpu", help="a GPU from --list, e.g. H100-SXM")
     roof.add_argument("--model", help="a model preset, e.g. llama-3-8b")
-    roof.add_argument("--context", type=int, help="tokens cached per sequence")
-    roof.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    roof.add_argument("--context", type=at_least(1), help="tokens cached per sequence")
+    roof.add_argument("--batch", type=at_least(1), default=1, help="sequences (default 1)")
     roof.add_argument("--dtype", default="fp16", help="KV cache storage type (default fp16)")
     roof.add_argument("--weights-dtype", default="bf16",
                       help="storage type of the weights (default bf16)")
     roof.add_argument("--json", action="store_true", help="one JSON object")
     roof.add_argument("--list", action="store_true", help="list the GPUs")
-    roof.set_defaults(run=cmd_roofline)
+    roof.set_defaults(run=cmd_roofline, parser=roof)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the "
                                        "continuous-batching engine")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    srv.add_argument("--num-blocks", type=int, default=512,
+    srv.add_argument("--port", type=at_least(0), default=8000, help="TCP port (default 8000)")
+    srv.add_argument("--num-blocks", type=at_least(1), default=512,
                      help="blocks in the paged pool shared by all requests (default 512)")
-    srv.add_argument("--block-size", type=int, default=16, help="tokens per block")
-    srv.add_argument("--max-batch", type=int, default=16,
+    srv.add_argument("--block-size", type=at_least(1), default=16, help="tokens per block")
+    srv.add_argument("--max-batch", type=at_least(1), default=16,
                      help="most requests decoding together (default 16)")
-    srv.add_argument("--token-budget", type=int, default=256,
+    srv.add_argument("--token-budget", type=at_least(1), default=256,
                      help="most tokens per forward step, decodes and prefill chunks")
     srv.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
                      help="attention of decode steps: NumPy reference or the Numba kernel")
     srv.add_argument("--quiet", action="store_true", help="no progress, warnings only")
-    srv.set_defaults(run=cmd_serve)
+    srv.set_defaults(run=cmd_serve, parser=srv)
     return parser
 
 
@@ -345,39 +582,53 @@ def cmd_roofline(args) -> int:
 
 def cmd_bench_attention(args) -> int:
     from .bench import ATTENTION_BACKENDS, bench_attention
-    from .errors import ConfigError
-    from .model.files import default_model_path, read_config
+    from .model import ModelFile
     from .roofline import measure_roofline
 
     unknown = [b for b in args.backends if b not in ATTENTION_BACKENDS]
     if unknown:
         raise ConfigError(f"unknown attention backend(s) {unknown}; "
                           f"choose from {sorted(ATTENTION_BACKENDS)}")
-    from gguf import GGUFReader
-
-    cfg = read_config(GGUFReader(default_model_path()))
+    cfg = ModelFile().config
     roof = measure_roofline(array_mb=args.array_mb)
     rows = bench_attention(args.backends, args.batches, args.contexts, roof, cfg.n_heads,
                            cfg.n_kv_heads, cfg.head_dim, args.repeats,
                            progress=not args.quiet)
     if args.json:
         for r in rows:
-            print(json.dumps(r))
+            emit(json.dumps(r))
         return 0
-    print(f"bandwidth roof {roof.memory_roof / 1e9:.1f} GB/s "
-          f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in roof.bandwidth.items())}); "
-          f"peak FP32 {roof.peak_flops / 1e9:.0f} GFLOP/s; {roof.machine}")
-    print(f"{'backend':<12}{'batch':>6}{'context':>9}{'ms':>10}{'GB/s':>8}{'of roof':>9}")
+    emit(f"bandwidth roof {roof.memory_roof / 1e9:.1f} GB/s "
+         f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in roof.bandwidth.items())}); "
+         f"peak FP32 {roof.peak_flops / 1e9:.0f} GFLOP/s; {roof.machine}")
+    emit(f"{'backend':<12}{'batch':>6}{'context':>9}{'ms':>10}{'GB/s':>8}{'of roof':>9}")
     for r in rows:
-        print(f"{r['backend']:<12}{r['batch']:>6}{r['context']:>9}{r['seconds'] * 1e3:>10.3f}"
-              f"{r['gb_per_s']:>8.1f}{r['fraction_of_roof']:>9.0%}")
+        emit(f"{r['backend']:<12}{r['batch']:>6}{r['context']:>9}{r['seconds'] * 1e3:>10.3f}"
+             f"{r['gb_per_s']:>8.1f}{r['fraction_of_roof']:>9.0%}")
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit cannot fail a second time."""
     try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0, 2 on an error, 130 on Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
         return args.run(args)
+    except OutputError as err:
+        _silence_stdout()
+        print(f"kvlib: error: {err}", file=sys.stderr)
+        return 2
     except KVLibError as err:
         print(f"kvlib: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kvlib: error: interrupted", file=sys.stderr)
+        return 130

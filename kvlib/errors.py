@@ -21,8 +21,22 @@ class CapacityError(KVLibError):
     """A write would go past the space a cache reserved for a sequence."""
 
 
-class UnknownSequenceError(KVLibError, KeyError):
-    """A sequence id that the cache does not hold."""
+class UnknownSequenceError(KVLibError, LookupError):
+    """A sequence id that the cache does not hold.
+
+    (A `LookupError`, not a `KeyError`: a KeyError prints its message in quotes.)"""
+
+
+class DuplicateSequenceError(KVLibError, ValueError):
+    """The same sequence appears twice in one step (or a request id is added twice)."""
+
+
+class LayerIndexError(KVLibError, IndexError):
+    """A layer index outside [0, n_layers)."""
+
+
+class TokenIdError(KVLibError, ValueError):
+    """A token id outside the model's vocabulary."""
 
 
 class ConfigError(KVLibError, ValueError):
@@ -35,6 +49,10 @@ class ModelFileError(KVLibError):
 
 class LengthError(KVLibError, ValueError):
     """A length or position outside what a sequence holds (e.g. cropping past its end)."""
+
+
+class ContextLengthError(LengthError):
+    """A position past the model's context (the longest sequence it was trained on)."""
 
 
 class QuantizationError(ConfigError):
@@ -51,3 +69,12 @@ class OutOfBlocksError(CapacityError):
 
 class DoubleFreeError(KVLibError):
     """Freeing a sequence that was already freed, or releasing a block nobody holds."""
+
+
+class BlockStateError(KVLibError):
+    """A block of a paged pool used in a way its state forbids (retaining a free block,
+    keying a block nobody holds) or a block number outside the pool."""
+
+
+class CacheDirError(KVLibError):
+    """The folder of the dequantized model cache (KVLIB_CACHE_DIR) cannot be used."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import LengthError, ShapeError
+from .errors import ConfigError, LengthError, ShapeError
 
 
 def causal_mask(n_new: int, n_past: int = 0) -> np.ndarray:
@@ -45,7 +45,7 @@ def padding_mask(lengths, width: int, side: str = "left") -> np.ndarray:
     """
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if side not in ("left", "right"):
-        raise ShapeError(f"side must be 'left' or 'right', got {side!r}")
+        raise ConfigError(f"side must be 'left' or 'right', got {side!r}")
     if (lengths < 0).any() or (lengths > width).any():
         raise LengthError(f"lengths {lengths.tolist()} must lie in [0, {width}]")
     columns = np.arange(width)[None, :]

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from .batching import PaddedCache
+from .cache.padded import PaddedCache
 from .cache import ContiguousCache, KVCache, PagedCache, QuantizedCache
 from .cache.paged import paged_cache_nbytes
 from .cache.quantized import quantized_cache_nbytes

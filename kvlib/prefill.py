@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from .attention import chunk_boundaries
-from .errors import ConfigError, KVLibError, ShapeError
+from .cache.base import Cache
+from .errors import ConfigError, ShapeError, TokenIdError
 
 
 def prefill_schedule(prompt_lengths, chunk_size: int) -> list[list[tuple[int, int, int]]]:
@@ -31,7 +32,7 @@ def prefill_schedule(prompt_lengths, chunk_size: int) -> list[list[tuple[int, in
             for k in range(n_steps)]
 
 
-def chunked_prefill(model, prompts, cache, seq_ids, chunk_size: int,
+def chunked_prefill(model, prompts, cache: Cache, seq_ids, chunk_size: int,
                     on_step: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
     """Prefill `prompts` into `cache` in chunks of `chunk_size` tokens per sequence.
 
@@ -61,8 +62,8 @@ def chunked_prefill(model, prompts, cache, seq_ids, chunk_size: int,
         raise ShapeError("every prompt needs at least one token")
     vocab = model.config.vocab_size
     if any(p.min() < 0 or p.max() >= vocab for p in prompts):
-        raise KVLibError(f"token ids must lie in [0, {vocab})")
-    cache.plan(seq_ids, [len(p) for p in prompts])  # whole prompts fit? (changes nothing)
+        raise TokenIdError(f"token ids must lie in [0, {vocab})")
+    cache.check(seq_ids, [len(p) for p in prompts])  # whole prompts fit? (changes nothing)
 
     logits = np.empty((len(prompts), vocab), dtype=np.float32)
     for step_index, step in enumerate(prefill_schedule([len(p) for p in prompts], chunk_size)):

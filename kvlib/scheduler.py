@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError, KVLibError
+from .errors import ConfigError, DuplicateSequenceError
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class TokenBudgetScheduler:
 
     def add(self, request: Request) -> None:
         if request.request_id in self._known:
-            raise KVLibError(f"request {request.request_id} was already added")
+            raise DuplicateSequenceError(f"request {request.request_id} was already added")
         if request.prompt_len < 1 or request.max_new_tokens < 1:
             raise ConfigError(f"request {request.request_id} needs a prompt and at least "
                               f"one new token, got {request.prompt_len} and "

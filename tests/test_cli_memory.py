@@ -45,8 +45,9 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
     for args, message in [(("--model", "gpt-5", "--tokens", "10"), "unknown model 'gpt-5'"),
                           (("--model", "gpt2", "--tokens", "10", "--dtype", "fp12"),
                            "unknown storage type 'fp12'"),
-                          (("--model", "gpt2", "--tokens", "-3"), "tokens must be"),
-                          (("--model", "gpt2", "--tokens", "3", "--batch", "0"), "batch must be"),
+                          (("--model", "gpt2", "--tokens", "-3"), "argument --tokens: must be >= 1"),
+                          (("--model", "gpt2", "--tokens", "3", "--batch", "0"),
+                           "argument --batch: must be >= 1"),
                           (("--model", "gpt2",), "memory needs --model NAME and --tokens N")]:
         out = run(*args)
         assert out.returncode == 2 and out.stdout == ""

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from kvlib.attention import attention
 from kvlib.batching import left_pad, own_positions
-from kvlib.errors import LengthError, ShapeError
+from kvlib.errors import ConfigError, LengthError, ShapeError
 from kvlib.masks import (causal_mask, combine_masks, padded_attention_mask, padding_mask,
                          ragged_mask)
 
@@ -40,7 +40,7 @@ def test_padding_mask_rejects_impossible_lengths(args):
 
 
 def test_padding_mask_rejects_an_unknown_side():
-    with pytest.raises(ShapeError, match="side"):
+    with pytest.raises(ConfigError, match="side"):
         padding_mask([1], 2, side="middle")
 
 

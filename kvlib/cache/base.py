@@ -4,7 +4,9 @@ The model never changes when the cache does. One forward step over a batch of
 sequences talks to the cache in four moves:
 
 1. ``plan = cache.plan(seq_ids, counts)`` — check that each sequence exists and has
-   room for ``counts[i]`` new tokens, and say where they go (raises before any change);
+   room for ``counts[i]`` new tokens (``cache.check``, which changes nothing and raises
+   a `CapacityError` if the step does not fit), then reserve that room and say where
+   the tokens go (``cache.reserve``: a paged cache takes its blocks here);
 2. per layer, ``cache.write(layer, plan, k, v)`` stores the new keys/values;
 3. per layer, ``cache.attend(layer, plan, q)`` returns attention of the new queries over
    everything stored for their sequence (causal, aligned bottom-right);
@@ -12,19 +14,50 @@ sequences talks to the cache in four moves:
 
 Tokens of all sequences in a step are *packed* along one axis (no padding):
 sequence i owns rows ``plan.offsets[i]:plan.offsets[i+1]``.
+
+Every check runs before anything changes, so a call that raises leaves the cache as it
+was; `unchanged_on_error` extends that promise to a sequence of bookkeeping calls
+(`generate` starts its sequences inside it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import (ConfigError, DTypeError, KVLibError, LengthError, ShapeError,
+from ..attention import attention
+from ..errors import (CapacityError, ConfigError, DTypeError, DuplicateSequenceError,
+                      KVLibError, LayerIndexError, LengthError, ShapeError,
                       UnknownSequenceError)
+from ..masks import causal_mask
 
 BACKENDS = ("numpy", "numba", "cuda")  # how a cache computes attention; see `set_backend`
+
+DECODE_KERNELS: dict[tuple[type, str], Callable] = {}
+"""(cache class, backend) -> kernel(cache, layer, plan, q) that runs a decode step's
+attention; "numpy" needs no entry (the per-sequence loop of `KVCache.attend`)."""
+
+
+def decode_kernel(cache_type: type, backend: str):
+    """Register the decorated function as `cache_type`'s decode kernel for `backend`."""
+    def register(kernel: Callable) -> Callable:
+        DECODE_KERNELS[(cache_type, backend)] = kernel
+        return kernel
+    return register
+
+
+def kernel_for(cache_type: type, backend: str) -> Callable | None:
+    """The decode kernel of `cache_type` (or of its nearest base class) for `backend`."""
+    for cls in cache_type.__mro__:
+        if (cls, backend) in DECODE_KERNELS:
+            return DECODE_KERNELS[(cls, backend)]
+    return None
 
 
 @dataclass(frozen=True)
@@ -35,30 +68,62 @@ class StepPlan:
         seq_ids: the sequences taking part, in packing order.
         starts: [B] tokens already cached per sequence = position of its first new token.
         counts: [B] new tokens per sequence.
+
+    The derived arrays below are computed once per plan (a plan serves every layer).
     """
 
     seq_ids: tuple[int, ...]
     starts: np.ndarray
     counts: np.ndarray
 
-    @property
+    @cached_property
     def offsets(self) -> np.ndarray:
         """[B + 1] start of each sequence's rows in the packed token axis."""
         return np.concatenate([[0], np.cumsum(self.counts)])
 
-    @property
+    @cached_property
     def n_tokens(self) -> int:
         return int(self.counts.sum())
 
-    @property
+    @cached_property
     def positions(self) -> np.ndarray:
         """[n_tokens] absolute position of every new token (each sequence its own)."""
         return np.concatenate([s + np.arange(c) for s, c in zip(self.starts, self.counts)])
 
-    @property
+    @cached_property
     def is_decode(self) -> bool:
         """True when every sequence adds exactly one token (a decode step)."""
         return bool((self.counts == 1).all())
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """What the model and `generate` need from a KV cache (`KVCache` implements it).
+
+    Type hints name this protocol, so a signature shows what a cache must offer.
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    backend: str
+
+    def new_sequence(self) -> int: ...
+    def start_sequence(self, prompt_ids) -> tuple[int, int]: ...
+    def free(self, seq_id: int) -> None: ...
+    def length(self, seq_id: int) -> int: ...
+    def sequences(self) -> list[int]: ...
+    def reset(self) -> None: ...
+    @property
+    def max_sequences(self) -> int: ...
+    def check(self, seq_ids, counts) -> StepPlan: ...
+    def can_fit(self, seq_ids, counts) -> bool: ...
+    def reserve(self, plan: StepPlan) -> StepPlan: ...
+    def plan(self, seq_ids, counts) -> StepPlan: ...
+    def write(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None: ...
+    def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray: ...
+    def commit(self, plan: StepPlan) -> None: ...
+    def unchanged_on_error(self): ...
 
 
 class KVCache(ABC):
@@ -68,9 +133,15 @@ class KVCache(ABC):
     "numba" (a compiled kernel from `kvlib.kernels.cpu` for decode steps, where every
     sequence adds one token; multi-token steps such as prefill stay on NumPy) or "cuda"
     (the `numba.cuda` kernel of `kvlib.kernels.cuda`, decode steps of the paged cache).
+    Kernels are looked up in `DECODE_KERNELS` by (cache class, backend).
+
+    A cache says how to read one sequence's keys and values (`_sequence_kv`) and, if it
+    is not the causal one, its mask (`_mask`); `attend` is written once, here.
     """
 
     backend: str = "numpy"
+    STORAGE: tuple[str, ...] = ()
+    """Attributes holding stored keys/values; every other attribute is bookkeeping."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int) -> None:
         self.n_layers = n_layers
@@ -81,25 +152,20 @@ class KVCache(ABC):
         """Choose the attention backend (one of `BACKENDS`); returns the cache."""
         if backend not in BACKENDS:
             raise ConfigError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        if backend == "numba":
-            self._check_numba_supported()
-        if backend == "cuda":
-            self._check_cuda_supported()
+        if backend != "numpy":
+            if kernel_for(type(self), backend) is None:
+                raise ConfigError(f"{type(self).__name__} has no {backend} attention kernel")
+            self._check_kernel(backend)
         self.backend = backend
         return self
 
-    def _check_numba_supported(self) -> None:
-        """Raise `ConfigError` if this cache has no Numba kernel (override when it has)."""
-        raise ConfigError(f"{type(self).__name__} has no Numba attention kernel")
-
-    def _check_cuda_supported(self) -> None:
-        """Raise `ConfigError` if this cache has no CUDA kernel (override when it has)."""
-        raise ConfigError(f"{type(self).__name__} has no CUDA attention kernel "
-                          "(the paged cache has one)")
-
-    def _use_kernel(self, plan: "StepPlan") -> bool:
-        """Whether `attend` should call the compiled decode kernel for this step."""
-        return self.backend != "numpy" and plan.is_decode
+    def _check_kernel(self, backend: str) -> None:
+        """Raise `ConfigError` if this cache's data cannot go through its `backend` kernel.
+        By default: float `keys`/`values` arrays must be float32 (what the kernels read)."""
+        keys = getattr(self, "keys", None)
+        if keys is not None and keys.dtype != np.float32:
+            raise ConfigError(f"the {backend} kernel reads float32 keys/values; this cache "
+                              f"stores {keys.dtype}")
 
     # --- sequences -----------------------------------------------------------------
     @abstractmethod
@@ -143,15 +209,52 @@ class KVCache(ABC):
     def nbytes(self) -> int:
         """Bytes really allocated: stored keys/values plus all metadata arrays."""
 
+    @property
+    @abstractmethod
+    def max_sequences(self) -> int:
+        """Most sequences the cache holds at once."""
+
+    @contextlib.contextmanager
+    def unchanged_on_error(self):
+        """Undo every bookkeeping change of the block if it raises a `KVLibError`.
+
+        For blocks that start, fork, free or check sequences but write no keys or
+        values (storage is not copied, so a block that writes cannot be undone).
+        """
+        books = copy.deepcopy({name: value for name, value in vars(self).items()
+                               if name not in self.STORAGE})
+        try:
+            yield self
+        except KVLibError:
+            vars(self).update(books)
+            raise
+
     # --- one forward step ----------------------------------------------------------
     def plan(self, seq_ids, counts) -> StepPlan:
+        """Check a step (`check`), then reserve its room (`reserve`); raises before any
+        change. The plan then serves `write`, `attend` and `commit` of every layer."""
+        return self.reserve(self.check(seq_ids, counts))
+
+    def can_fit(self, seq_ids, counts) -> bool:
+        """Whether `check` would accept the step (no `CapacityError`); changes nothing."""
+        try:
+            self.check(seq_ids, counts)
+        except CapacityError:
+            return False
+        return True
+
+    def reserve(self, plan: StepPlan) -> StepPlan:
+        """Take the room a checked plan needs (nothing to take for a reserve-max cache)."""
+        return plan
+
+    def check(self, seq_ids, counts) -> StepPlan:
         """Validate a step of `counts[i]` new tokens for `seq_ids[i]`; changes nothing."""
         seq_ids = tuple(int(s) for s in seq_ids)
         counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         if len(seq_ids) != len(counts):
             raise ShapeError(f"{len(seq_ids)} sequence ids but {len(counts)} token counts")
         if len(set(seq_ids)) != len(seq_ids):
-            raise KVLibError(f"a sequence appears twice in one step: {seq_ids}")
+            raise DuplicateSequenceError(f"a sequence appears twice in one step: {seq_ids}")
         if (counts < 1).any():
             raise LengthError(f"every sequence needs at least one new token, got {counts}")
         for s in seq_ids:
@@ -169,9 +272,32 @@ class KVCache(ABC):
     def write(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None:
         """Store `k`, `v` ([plan.n_tokens, n_kv_heads, head_dim]) for one layer."""
 
-    @abstractmethod
     def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
-        """Attention of q ([n_tokens, n_heads, head_dim]) over each sequence's cache."""
+        """Attention of q ([n_tokens, n_heads, head_dim]) over each sequence's cache.
+
+        A decode step on a compiled backend runs its kernel; anything else loops over
+        the sequences in NumPy: read the sequence's keys/values, mask, attend.
+        """
+        self._check_q(layer, plan, q)
+        if self.backend != "numpy" and plan.is_decode:
+            return kernel_for(type(self), self.backend)(self, layer, plan, q)
+        out = np.empty_like(q)
+        for i in range(len(plan.seq_ids)):
+            k, v = self._sequence_kv(layer, plan, i)
+            rows = slice(plan.offsets[i], plan.offsets[i + 1])
+            out[rows] = attention(q[rows], k, v, self._mask(plan, i))
+        return out
+
+    @abstractmethod
+    def _sequence_kv(self, layer: int, plan: StepPlan, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 keys, values [kv_heads, starts[i] + counts[i], head_dim] that the plan's
+        i-th sequence attends to in `layer` (this step's tokens already written)."""
+
+    def _mask(self, plan: StepPlan, i: int) -> np.ndarray | None:
+        """[n_new, n_past + n_new] mask of the plan's i-th sequence (None: sees all):
+        causal, aligned bottom-right."""
+        n_past, n_new = int(plan.starts[i]), int(plan.counts[i])
+        return causal_mask(n_new, n_past) if n_new > 1 else None
 
     @abstractmethod
     def commit(self, plan: StepPlan) -> None:
@@ -184,7 +310,7 @@ class KVCache(ABC):
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
-            raise KVLibError(f"layer {layer} out of range [0, {self.n_layers})")
+            raise LayerIndexError(f"layer {layer} out of range [0, {self.n_layers})")
 
     def _check_kv(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None:
         self._check_layer(layer)

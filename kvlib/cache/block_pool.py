@@ -18,7 +18,7 @@ import hashlib
 
 import numpy as np
 
-from ..errors import ConfigError, DoubleFreeError, KVLibError, OutOfBlocksError
+from ..errors import BlockStateError, ConfigError, DoubleFreeError, OutOfBlocksError
 
 KEY_BYTES = 16  # a prefix key is the first 16 bytes of a SHA-256 digest
 ROOT_KEY = b""  # the parent key of a sequence's first block
@@ -135,7 +135,7 @@ class BlockPool:
         """Add a reference to a block in use or cached (a fork, or a prefix-cache hit)."""
         self._check_block(block)
         if self.refcounts[block] == 0 and not self.has_key[block]:
-            raise KVLibError(f"block {block} is free; only blocks in use or cached "
+            raise BlockStateError(f"block {block} is free; only blocks in use or cached "
                              "can gain a reference")
         self.refcounts[block] += 1
         self._stamp(block)
@@ -160,7 +160,7 @@ class BlockPool:
         """Give a full, in-use block its prefix key. False if the key (or block) has one."""
         self._check_block(block)
         if self.refcounts[block] == 0:
-            raise KVLibError(f"block {block} is not in use; only a written block can be keyed")
+            raise BlockStateError(f"block {block} is not in use; only a written block can be keyed")
         if key in self._block_of_key or self.has_key[block]:
             return False
         self._block_of_key[key] = block
@@ -203,4 +203,4 @@ class BlockPool:
 
     def _check_block(self, block: int) -> None:
         if not 0 <= block < self.num_blocks:
-            raise KVLibError(f"block {block} out of range [0, {self.num_blocks})")
+            raise BlockStateError(f"block {block} out of range [0, {self.num_blocks})")

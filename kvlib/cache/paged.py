@@ -15,15 +15,14 @@ same tokens reuses them instead of recomputing them (the prefix cache).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..attention import attention
 from ..errors import CapacityError, ConfigError, DoubleFreeError, LengthError, OutOfBlocksError
 from ..errors import UnknownSequenceError
-from ..masks import causal_mask
-from .base import KVCache, StepPlan
+from .base import KVCache, StepPlan, decode_kernel
 from .block_pool import BlockPool, block_pool_nbytes, prefix_keys
 
 
@@ -49,9 +48,20 @@ def paged_cache_nbytes(n_layers: int, n_kv_heads: int, head_dim: int, num_blocks
 
 @dataclass(frozen=True)
 class PagedStepPlan(StepPlan):
-    """A `StepPlan` plus the slot of every new token ([n_tokens] int64)."""
+    """A `StepPlan` plus what the paged cache needs for it.
 
+    Attributes (besides `StepPlan`'s):
+        new_blocks: per sequence, blocks to append to its table (from `check`).
+        copies: per sequence, table indices to copy before writing (copy-on-write).
+        slots: [n_tokens] int64 slot of every new token (None until `reserve`).
+        tables: [B, max blocks] int32 block tables of the step, -1 padded (None until
+            `reserve`); built once per step for every layer's kernel call.
+    """
+
+    new_blocks: tuple[int, ...] = ()
+    copies: tuple[tuple[int, ...], ...] = ()
     slots: np.ndarray | None = None
+    tables: np.ndarray | None = None
 
 
 class PagedCache(KVCache):
@@ -74,6 +84,8 @@ class PagedCache(KVCache):
         prefix_hit_tokens, prefix_query_tokens: prompt tokens found in the prefix cache
             and prompt tokens looked up, since construction.
     """
+
+    STORAGE = ("keys", "values")
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, max_seqs: int = 64, max_seq_len: int = 2048,
@@ -219,6 +231,10 @@ class PagedCache(KVCache):
                 + self.lengths.nbytes + self.row_in_use.nbytes)
 
     @property
+    def max_sequences(self) -> int:
+        return self.max_seqs
+
+    @property
     def prefix_hit_rate(self) -> float:
         """Share of looked-up prompt tokens that came from the prefix cache."""
         return self.prefix_hit_tokens / max(self.prefix_query_tokens, 1)
@@ -251,28 +267,44 @@ class PagedCache(KVCache):
             + positions % self.block_size
 
     # --- one forward step ----------------------------------------------------------
-    def plan(self, seq_ids, counts) -> PagedStepPlan:
-        """Validate a step and reserve its slots: new blocks and copy-on-write copies.
-
-        Raises (having changed nothing) `OutOfBlocksError` if the pool is short.
-        """
-        plan = super().plan(seq_ids, counts)  # validates; `_check_room` counts blocks
-        self._reserve(plan)
-        slots = np.concatenate([self.slot_mapping(s, start + np.arange(count))
-                                for s, start, count in zip(plan.seq_ids, plan.starts, plan.counts)])
-        return PagedStepPlan(plan.seq_ids, plan.starts, plan.counts, slots)
-
-    def _check_room(self, plan: StepPlan) -> None:
-        for s, end in zip(plan.seq_ids, plan.starts + plan.counts):
-            if end > self.max_seq_len:
-                raise CapacityError(f"sequence {s} would hold {end} tokens; "
-                                    f"the cache allows {self.max_seq_len} per sequence")
+    def check(self, seq_ids, counts) -> PagedStepPlan:
+        """Validate a step and count the blocks it needs (new blocks and copy-on-write
+        copies); changes nothing. Raises `OutOfBlocksError` if the pool is short."""
+        plan = super().check(seq_ids, counts)
         new, copies = self._blocks_needed(plan)
         needed = sum(new) + sum(len(c) for c in copies)
         if needed > self.pool.n_available:
             raise OutOfBlocksError(
                 f"this step needs {needed} blocks but only {self.pool.n_available} of "
                 f"{self.num_blocks} are free or evictable")
+        return PagedStepPlan(plan.seq_ids, plan.starts, plan.counts, tuple(new),
+                             tuple(tuple(c) for c in copies))
+
+    def reserve(self, plan: PagedStepPlan) -> PagedStepPlan:
+        """Take the blocks a checked plan counted, copy shared blocks it writes into, and
+        return the plan with its slots and block tables."""
+        for s, n_new, to_copy in zip(plan.seq_ids, plan.new_blocks, plan.copies):
+            row = self._row_of[s]
+            for i in to_copy:  # copy-on-write
+                old = int(self.block_tables[row, i])
+                fresh = int(self.pool.allocate(1)[0])
+                self.keys[:, fresh] = self.keys[:, old]
+                self.values[:, fresh] = self.values[:, old]
+                self.block_tables[row, i] = fresh
+                self.pool.release(old)
+            have = int(self.table_lengths[row])
+            self.block_tables[row, have:have + n_new] = self.pool.allocate(n_new)
+            self.table_lengths[row] = have + n_new
+        slots = np.concatenate([self.slot_mapping(s, start + np.arange(count))
+                                for s, start, count in zip(plan.seq_ids, plan.starts, plan.counts)])
+        return dataclasses.replace(plan, slots=slots,
+                                   tables=self.block_table_array(plan.seq_ids))
+
+    def _check_room(self, plan: StepPlan) -> None:
+        for s, end in zip(plan.seq_ids, plan.starts + plan.counts):
+            if end > self.max_seq_len:
+                raise CapacityError(f"sequence {s} would hold {end} tokens; "
+                                    f"the cache allows {self.max_seq_len} per sequence")
 
     def _blocks_needed(self, plan: StepPlan) -> tuple[list[int], list[list[int]]]:
         """Per sequence: new blocks to append, and table indices to copy before writing.
@@ -298,21 +330,6 @@ class PagedCache(KVCache):
             copies.append(to_copy)
         return new, copies
 
-    def _reserve(self, plan: StepPlan) -> None:
-        new, copies = self._blocks_needed(plan)
-        for s, n_new, to_copy in zip(plan.seq_ids, new, copies):
-            row = self._row_of[s]
-            for i in to_copy:  # copy-on-write
-                old = int(self.block_tables[row, i])
-                fresh = int(self.pool.allocate(1)[0])
-                self.keys[:, fresh] = self.keys[:, old]
-                self.values[:, fresh] = self.values[:, old]
-                self.block_tables[row, i] = fresh
-                self.pool.release(old)
-            have = int(self.table_lengths[row])
-            self.block_tables[row, have:have + n_new] = self.pool.allocate(n_new)
-            self.table_lengths[row] = have + n_new
-
     def write(self, layer: int, plan: StepPlan, k: np.ndarray, v: np.ndarray) -> None:
         self._check_kv(layer, plan, k, v)
         blocks, offsets = np.divmod(plan.slots, self.block_size)
@@ -320,41 +337,20 @@ class PagedCache(KVCache):
         self.keys[layer, blocks, :, offsets] = k
         self.values[layer, blocks, :, offsets] = v
 
-    def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
-        """Per sequence: gather the blocks its table names (only those), then attend.
-        With the Numba or CUDA backend, a decode step walks the block tables inside the
-        kernel."""
-        self._check_q(layer, plan, q)
-        if self._use_kernel(plan):
-            if self.backend == "cuda":
-                from ..kernels.cuda import decode_paged
-            else:
-                from ..kernels.cpu import decode_paged
+    def _sequence_kv(self, layer: int, plan: StepPlan, i: int):
+        """Gather the blocks the sequence's table names (only those)."""
+        end = int(plan.starts[i] + plan.counts[i])
+        table = self.block_tables[self._row_of[plan.seq_ids[i]], :blocks_for(end, self.block_size)]
+        return tuple(self._gather(store[layer], table, end) for store in (self.keys, self.values))
 
-            return decode_paged(q, self.keys[layer], self.values[layer],
-                                self.block_table_array(plan.seq_ids), plan.starts + 1)
-        out = np.empty_like(q)
-        offsets = plan.offsets
-        for i, s in enumerate(plan.seq_ids):
-            n_past, n_new = int(plan.starts[i]), int(plan.counts[i])
-            end = n_past + n_new
-            table = self.block_tables[self._row_of[s], :blocks_for(end, self.block_size)]
-            k, v = (self._gather(store[layer], table, end) for store in (self.keys, self.values))
-            rows = slice(offsets[i], offsets[i + 1])
-            mask = causal_mask(n_new, n_past) if n_new > 1 else None
-            out[rows] = attention(q[rows], k, v, mask)
-        return out
+    def _check_kernel(self, backend: str) -> None:
+        """Both kernels read float32 storage; the CUDA one also needs a device (or
+        Numba's CUDA simulator)."""
+        super()._check_kernel(backend)
+        if backend == "cuda":
+            from ..kernels.cuda import require_device
 
-    def _check_numba_supported(self) -> None:
-        if self.keys.dtype != np.float32:
-            raise ConfigError(f"the Numba kernel reads float32 keys/values; this cache "
-                              f"stores {self.keys.dtype}")
-
-    def _check_cuda_supported(self) -> None:
-        from ..kernels.cuda import require_device
-
-        self._check_numba_supported()  # the same float32 storage
-        require_device()
+            require_device()
 
     def _gather(self, store: np.ndarray, table: np.ndarray, n_tokens: int) -> np.ndarray:
         """[kv_heads, n_tokens, head_dim] from the blocks `table` of one layer's store."""
@@ -395,3 +391,21 @@ class PagedCache(KVCache):
             self.pool.release(int(self.block_tables[row, i]))
             self.block_tables[row, i] = -1
         self.table_lengths[row] = min(keep, int(self.table_lengths[row]))
+
+
+@decode_kernel(PagedCache, "numba")
+def _decode_numba(cache: PagedCache, layer: int, plan: PagedStepPlan, q: np.ndarray):
+    """The kernel walks the step's block tables (built once per step, in `reserve`)."""
+    from ..kernels.cpu import decode_paged
+
+    return decode_paged(q, cache.keys[layer], cache.values[layer], plan.tables,
+                        plan.starts + 1)
+
+
+@decode_kernel(PagedCache, "cuda")
+def _decode_cuda(cache: PagedCache, layer: int, plan: PagedStepPlan, q: np.ndarray):
+    """The `numba.cuda` kernel: one block per (sequence, KV head, split), split-K merge."""
+    from ..kernels.cuda import decode_paged
+
+    return decode_paged(q, cache.keys[layer], cache.values[layer], plan.tables,
+                        plan.starts + 1)

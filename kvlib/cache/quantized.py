@@ -39,11 +39,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..attention import attention
-from ..errors import CapacityError, ConfigError, LengthError, QuantizationError
-from ..masks import causal_mask
+from ..errors import ConfigError, QuantizationError
 from ..quantize import Quantized, code_range, dequantize, quantize
-from .base import KVCache, StepPlan
+from .base import StepPlan, decode_kernel
+from .rows import RowCache
 
 SCALE_DTYPE = np.float16
 KEY_AXES = ("token", "channel")
@@ -162,7 +161,7 @@ def quantized_cache_nbytes(n_layers: int, n_kv_heads: int, head_dim: int, max_ba
     return code_bytes + meta_bytes + tail_bytes + row_bytes
 
 
-class QuantizedCache(KVCache):
+class QuantizedCache(RowCache):
     """Reserve-max cache that stores keys/values quantized, the recent window in float32.
 
     Args:
@@ -172,6 +171,9 @@ class QuantizedCache(KVCache):
         scheme: a `QuantScheme` (bits, key axis, group size, window, symmetric).
     """
 
+    STORAGE = ("key_codes", "value_codes", "key_scale", "value_scale", "key_zero",
+               "value_zero", "tail_keys", "tail_values")
+
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_batch: int,
                  max_seq: int, scheme: QuantScheme = QuantScheme()) -> None:
         if max_batch < 1 or max_seq < 1:
@@ -179,8 +181,6 @@ class QuantizedCache(KVCache):
         scheme.validate(head_dim)
         super().__init__(n_layers, n_kv_heads, head_dim)
         self.scheme = scheme
-        self.max_batch = max_batch
-        self.max_seq = max_seq
         rows = (n_layers, max_batch, n_kv_heads)
         code_dtype = np.int8 if scheme.bits == 8 and scheme.symmetric else np.uint8
         packed = head_dim * scheme.bits // 8
@@ -196,9 +196,8 @@ class QuantizedCache(KVCache):
         tail = rows + (scheme.tail_slots(), head_dim)
         self.tail_keys = np.zeros(tail, dtype=np.float32)
         self.tail_values = np.zeros(tail, dtype=np.float32)
-        self.lengths = np.zeros(max_batch, dtype=np.int64)      # tokens stored per row
-        self.n_quantized = np.zeros(max_batch, dtype=np.int64)  # of which quantized
-        self.in_use = np.zeros(max_batch, dtype=bool)
+        self.n_quantized = np.zeros(max_batch, dtype=np.int64)  # tokens held quantized
+        self._init_rows(max_batch, max_seq)
 
     @classmethod
     def from_config(cls, config, max_batch: int, max_seq: int,
@@ -206,39 +205,15 @@ class QuantizedCache(KVCache):
         """A cache shaped for `config` (a `ModelConfig`)."""
         return cls(config.n_layers, config.n_kv_heads, config.head_dim, max_batch, max_seq, scheme)
 
-    # --- sequences -----------------------------------------------------------------
-    def new_sequence(self) -> int:
-        free_rows = np.flatnonzero(~self.in_use)
-        if len(free_rows) == 0:
-            raise CapacityError(f"all {self.max_batch} rows of the cache hold a sequence")
-        row = int(free_rows[0])
-        self.in_use[row] = True
-        self.lengths[row] = self.n_quantized[row] = 0
-        return row
-
-    def free(self, seq_id: int) -> None:
-        self._check_known(seq_id)
-        self.in_use[seq_id] = False
-        self.lengths[seq_id] = self.n_quantized[seq_id] = 0
-
-    def length(self, seq_id: int) -> int:
-        self._check_known(seq_id)
-        return int(self.lengths[seq_id])
-
-    def capacity(self, seq_id: int) -> int:
-        self._check_known(seq_id)
-        return self.max_seq
-
-    def sequences(self) -> list[int]:
-        return [int(r) for r in np.flatnonzero(self.in_use)]
+    # --- sequences (rows: `RowCache`) ----------------------------------------------
+    def _clear_rows(self, rows) -> None:
+        super()._clear_rows(rows)
+        self.n_quantized[rows] = 0
 
     def crop(self, seq_id: int, length: int) -> None:
         """Keep the first `length` tokens. Cropping into the quantized prefix moves the
         tokens of the broken key group back to the tail, dequantized."""
-        self._check_known(seq_id)
-        if not 0 <= length <= self.lengths[seq_id]:
-            raise LengthError(f"cannot crop sequence {seq_id} of length "
-                              f"{self.lengths[seq_id]} to {length}")
+        self._check_crop(seq_id, length)
         n_q = int(self.n_quantized[seq_id])
         if length < n_q:
             group = self.scheme.token_group()
@@ -249,11 +224,6 @@ class QuantizedCache(KVCache):
                 self.tail_values[layer, seq_id, :, :length - kept] = v[:, kept:length]
             self.n_quantized[seq_id] = kept
         self.lengths[seq_id] = length
-
-    def reset(self) -> None:
-        self.in_use[:] = False
-        self.lengths[:] = 0
-        self.n_quantized[:] = 0
 
     @property
     def nbytes(self) -> int:
@@ -269,12 +239,6 @@ class QuantizedCache(KVCache):
         return self._read(layer, seq_id, int(self.n_quantized[seq_id]), int(self.lengths[seq_id]))
 
     # --- one forward step ----------------------------------------------------------
-    def _check_room(self, plan: StepPlan) -> None:
-        for s, end in zip(plan.seq_ids, plan.starts + plan.counts):
-            if end > self.max_seq:
-                raise CapacityError(f"sequence {s} would hold {end} tokens; "
-                                    f"the cache reserves {self.max_seq}")
-
     def _quantized_after(self, row: int, end: int) -> int:
         """Tokens of `row` held quantized once it holds `end` tokens (never fewer than now)."""
         return max(int(self.n_quantized[row]), self.scheme.n_quantized(end))
@@ -346,41 +310,33 @@ class QuantizedCache(KVCache):
                                         axis=1))
         return parts[0], parts[1]
 
-    def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
-        """Attention over the dequantized prefix and the float32 tail (causal, bottom-right)."""
-        self._check_q(layer, plan, q)
-        if self._use_kernel(plan):  # 8-bit codes dequantized inside the kernel
-            return self._attend_numba(layer, plan, q)
-        out = np.empty_like(q)
-        offsets = plan.offsets
-        for i, row in enumerate(plan.seq_ids):
-            n_past, n_new = int(plan.starts[i]), int(plan.counts[i])
-            end = n_past + n_new
-            k, v = self._read(layer, row, self._quantized_after(row, end), end)
-            rows = slice(offsets[i], offsets[i + 1])
-            mask = causal_mask(n_new, n_past) if n_new > 1 else None
-            out[rows] = attention(q[rows], k, v, mask)
-        return out
+    def _sequence_kv(self, layer: int, plan: StepPlan, i: int):
+        """The dequantized prefix and the float32 tail."""
+        row, end = plan.seq_ids[i], int(plan.starts[i] + plan.counts[i])
+        return self._read(layer, row, self._quantized_after(row, end), end)
 
-    def _check_numba_supported(self) -> None:
+    def _check_kernel(self, backend: str) -> None:
         if self.scheme.bits != 8:
             raise ConfigError(f"the Numba kernel reads 8-bit codes; this cache stores "
                               f"{self.scheme.bits}-bit codes")
-
-    def _attend_numba(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
-        from ..kernels.cpu import decode_int8
-
-        ends = plan.starts + 1
-        n_quantized = [self._quantized_after(row, int(end)) for row, end in zip(plan.seq_ids, ends)]
-        zero = lambda a: None if a is None else a[layer]  # noqa: E731
-        per_channel = self.scheme.key_axis == "channel"
-        return decode_int8(q, self.key_codes[layer], self.key_scale[layer], zero(self.key_zero),
-                           self.value_codes[layer], self.value_scale[layer],
-                           zero(self.value_zero), self.tail_keys[layer], self.tail_values[layer],
-                           np.asarray(plan.seq_ids), ends, n_quantized,
-                           self.scheme.group_size if per_channel else 0)
 
     def commit(self, plan: StepPlan) -> None:
         for s, c in zip(plan.seq_ids, plan.counts):
             self.n_quantized[s] = self._quantized_after(s, int(self.lengths[s] + c))
             self.lengths[s] += c
+
+
+@decode_kernel(QuantizedCache, "numba")
+def _decode_numba(cache: QuantizedCache, layer: int, plan: StepPlan, q: np.ndarray):
+    """8-bit codes dequantized inside the kernel; the float32 tail read as it is."""
+    from ..kernels.cpu import decode_int8
+
+    ends = plan.starts + 1
+    n_quantized = [cache._quantized_after(row, int(end)) for row, end in zip(plan.seq_ids, ends)]
+    zero = lambda a: None if a is None else a[layer]  # noqa: E731
+    per_channel = cache.scheme.key_axis == "channel"
+    return decode_int8(q, cache.key_codes[layer], cache.key_scale[layer], zero(cache.key_zero),
+                       cache.value_codes[layer], cache.value_scale[layer],
+                       zero(cache.value_zero), cache.tail_keys[layer], cache.tail_values[layer],
+                       np.asarray(plan.seq_ids), ends, n_quantized,
+                       cache.scheme.group_size if per_channel else 0)

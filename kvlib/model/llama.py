@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..attention import attention
+from ..cache.base import Cache
 from ..config import ModelConfig
-from ..errors import KVLibError, ShapeError
+from ..errors import ContextLengthError, ShapeError, TokenIdError
 from ..masks import causal_mask
 from .files import Weights
 
@@ -53,7 +54,7 @@ class RoPE:
     def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Rotate x [n_tokens, n_heads, head_dim] at `positions` [n_tokens]."""
         if positions.size and positions.max() >= len(self.cos):
-            raise KVLibError(f"position {positions.max()} is past the model's "
+            raise ContextLengthError(f"position {positions.max()} is past the model's "
                              f"context of {len(self.cos)} tokens")
         cos = self.cos[positions][:, None, :]  # [n_tokens, 1, head_dim / 2]
         sin = self.sin[positions][:, None, :]
@@ -71,8 +72,10 @@ class Llama:
         self.config = config
         self.weights = weights
         self.rope = RoPE(config.head_dim, config.rope_base, config.max_position)
+        self.on_layer = None  # called as on_layer(layer, n_tokens) after each block (progress)
 
-    def forward(self, tokens, cache=None, seq_ids=None, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: Cache | None = None, seq_ids=None,
+                all_logits: bool = False) -> np.ndarray:
         """Run the model over a ragged batch.
 
         Args:
@@ -116,10 +119,10 @@ class Llama:
         return self.logits(x, plan.offsets, all_logits)
 
     def check_token_ids(self, ids: np.ndarray) -> np.ndarray:
-        """`ids` as int64 if every id is in the vocabulary, else a `KVLibError`."""
+        """`ids` as int64 if every id is in the vocabulary, else a `TokenIdError`."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise KVLibError(f"token ids must lie in [0, {self.config.vocab_size})")
+            raise TokenIdError(f"token ids must lie in [0, {self.config.vocab_size})")
         return ids
 
     def layers(self, flat_tokens: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
@@ -148,6 +151,8 @@ class Llama:
             x = x + attn.reshape(n, cfg.n_heads * cfg.head_dim) @ w.wo.T
             h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
             x = x + (silu(h @ w.w_gate.T) * (h @ w.w_up.T)) @ w.w_down.T
+            if self.on_layer is not None:
+                self.on_layer(layer_index, n)
         return x
 
     def logits(self, x: np.ndarray, offsets: np.ndarray, all_logits: bool = False) -> np.ndarray:

@@ -28,7 +28,7 @@ class Tokenizer:
         special_ids: ids of control tokens.
     """
 
-    def __init__(self, tokens: list[str], merges: list[str], token_types: np.ndarray,
+    def __init__(self, tokens: list[str], merges: list[str], token_types,
                  bos_id: int, eos_id: int, chat_template: str | None) -> None:
         vocab = {tok: i for i, tok in enumerate(tokens)}
         bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges])
@@ -38,7 +38,8 @@ class Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
         self._tok.decoder = decoders.ByteLevel()
-        self.special_ids = [int(i) for i in np.flatnonzero(token_types == CONTROL_TOKEN_TYPE)]
+        types = np.asarray(token_types)
+        self.special_ids = [int(i) for i in np.flatnonzero(types == CONTROL_TOKEN_TYPE)]
         self._tok.add_special_tokens(
             [AddedToken(tokens[i], special=True, normalized=False) for i in self.special_ids])
         self.tokens = tokens
@@ -49,6 +50,11 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
+        return cls(**cls.fields_from_gguf(reader))
+
+    @staticmethod
+    def fields_from_gguf(reader) -> dict:
+        """The constructor's arguments, read from a GGUF file (plain JSON-able values)."""
         def get(key):
             field = reader.fields.get(key)
             if field is None:
@@ -57,12 +63,12 @@ class Tokenizer:
 
         tokens = get("tokenizer.ggml.tokens").contents()
         merges = get("tokenizer.ggml.merges").contents()
-        types = np.asarray(get("tokenizer.ggml.token_type").contents())
+        types = [int(t) for t in get("tokenizer.ggml.token_type").contents()]
         template = reader.fields.get("tokenizer.chat_template")
-        return cls(tokens, merges, types,
-                   bos_id=int(get("tokenizer.ggml.bos_token_id").contents()),
-                   eos_id=int(get("tokenizer.ggml.eos_token_id").contents()),
-                   chat_template=template.contents() if template is not None else None)
+        return {"tokens": list(tokens), "merges": list(merges), "token_types": types,
+                "bos_id": int(get("tokenizer.ggml.bos_token_id").contents()),
+                "eos_id": int(get("tokenizer.ggml.eos_token_id").contents()),
+                "chat_template": template.contents() if template is not None else None}
 
     @property
     def vocab_size(self) -> int:
