@@ -10,7 +10,10 @@ import numba
 import numpy as np
 import pytest
 
-os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba.cuda is first imported
+# Before numba.cuda is first imported, and kept for the whole session: Numba re-reads its
+# environment when it compiles, and would switch the simulator off again. Tests that
+# start the command line without it (tests/test_gpu_cli.py) remove it themselves.
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 numba.core.config.reload_config()
 
 from kvlib.attention import attention  # noqa: E402
@@ -18,8 +21,6 @@ from kvlib.cache import PagedCache  # noqa: E402
 from kvlib.errors import ConfigError, DTypeError, ShapeError  # noqa: E402
 from kvlib.kernels import cuda as kcuda  # noqa: E402
 from kvlib.quantize import dequantize, quantize  # noqa: E402
-
-del os.environ["NUMBA_ENABLE_CUDASIM"]  # numba.cuda is loaded; keep subprocesses unaffected
 
 
 def test_the_simulator_is_on():
@@ -137,5 +138,5 @@ def test_bad_input_is_refused_before_launching():
 def test_only_the_paged_cache_has_a_cuda_backend():
     from kvlib.cache import ContiguousCache
 
-    with pytest.raises(ConfigError, match="no CUDA attention kernel"):
+    with pytest.raises(ConfigError, match="has no cuda attention kernel"):
         ContiguousCache(1, 1, 32, max_batch=1, max_seq=8).set_backend("cuda")

@@ -125,7 +125,7 @@ def test_malformed_json_is_a_400(served):
     ({"max_tokens": 0}, "max_tokens must be at least 1"),
     ({"max_tokens": -3}, "max_tokens must be at least 1"),
     ({"max_tokens": "ten"}, "max_tokens must be int"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
     ({"temperature": "hot"}, "temperature must be int or float"),
     ({"prompt": "hello " * 8200}, "past the context"),          # SmolLM2: 8192 tokens
     ({"prompt": "hello " * 1100}, "could never finish"),        # the pool: 1024 slots
