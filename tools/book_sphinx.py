@@ -48,17 +48,32 @@ def _plain(latex: str) -> str:
 
 
 class AuthorYearLabels(BaseLabelStyle):
-    """Labels "Dao, 2023", "Dao and Fu, 2022", "Kwon et al., 2023": the text's citations."""
+    """Labels "Dao, 2023", "Dao and Fu, 2022", "Kwon et al., 2023": the text's citations.
+    Works that would share a label get letters in bibliography order ("NVIDIA, 2023a")."""
 
     def format_labels(self, sorted_entries):
-        for entry in sorted_entries:
-            persons = entry.persons.get("author") or entry.persons.get("editor") or []
-            names = [_plain(" ".join(p.prelast_names + p.last_names)) for p in persons]
-            if len(names) > 2:
-                who = f"{names[0]} et al."
+        entries = list(sorted_entries)
+        labels = [self._label(entry) for entry in entries]
+        seen = {}
+        for label in labels:
+            seen[label] = seen.get(label, 0) + 1
+        letter = {}
+        for label in labels:
+            if seen[label] > 1:
+                letter[label] = letter.get(label, -1) + 1
+                yield f"{label}{chr(ord('a') + letter[label])}"
             else:
-                who = " and ".join(names) or _plain(entry.fields.get("title", entry.key))
-            yield f"{who}, {entry.fields.get('year', 'n.d.')}"
+                yield label
+
+    @staticmethod
+    def _label(entry) -> str:
+        persons = entry.persons.get("author") or entry.persons.get("editor") or []
+        names = [_plain(" ".join(p.prelast_names + p.last_names)) for p in persons]
+        if len(names) > 2:
+            who = f"{names[0]} et al."
+        else:
+            who = " and ".join(names) or _plain(entry.fields.get("title", entry.key))
+        return f"{who}, {entry.fields.get('year', 'n.d.')}"
 
 
 class AuthorYearUnsrt(UnsrtStyle):
