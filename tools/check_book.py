@@ -12,8 +12,9 @@ page fails on:
 - visible `Traceback`, `{glue` or `BEGIN HIDDEN` text;
 - math left as raw LaTeX (a formula MathJax did not typeset, or a MathJax error);
 - a request to another host (the book must not need the network);
-- a code cell wider than the content column (a `pre` that scrolls sideways): these are
-  listed one by one, page and first line.
+- a code cell whose source is wider than the content column (a `pre` that scrolls
+  sideways): these are listed one by one, page and first line. Printed outputs may
+  scroll (a wide table is better scrolled than wrapped).
 
 Prints one line per problem and a summary; exits 1 if there is any. Chromium is the
 Debian package (/usr/bin/chromium, or $CHROMIUM); Playwright drives it, pinned in
@@ -54,7 +55,7 @@ PAGE_REPORT = """async () => {
     .map(el => el.textContent.trim().slice(0, 60));
   const mathErrors = [...document.querySelectorAll('mjx-merror')]
     .map(el => el.textContent.trim().slice(0, 60));
-  const wide = [...document.querySelectorAll('div.cell div.highlight pre, div.cell pre')]
+  const wide = [...document.querySelectorAll('div.cell_input pre')]
     .filter(el => visible(el) && el.scrollWidth > el.clientWidth + 1)
     .map(el => ({first: el.textContent.split('\\n')[0].slice(0, 70),
                  over: el.scrollWidth - el.clientWidth}));
