@@ -36,6 +36,9 @@ BLOCK = re.compile(r"^([ \t]*)### BEGIN (SOLUTION|ANSWER|HIDDEN TESTS)\n.*?^[ \t
                    re.M | re.S)
 
 
+DEFINITION = re.compile(r"^(?:def|class) (\w+)", re.M)
+
+
 def strip_source(source: str) -> tuple[str, bool]:
     """Student text of one cell, and whether a stub now runs at top level."""
     top_level_stub = False
@@ -51,20 +54,32 @@ def strip_source(source: str) -> tuple[str, bool]:
     return BLOCK.sub(replace, source), top_level_stub
 
 
+def calls_any(source: str, names: set[str]) -> bool:
+    """Whether the cell calls one of `names` (a function or class the student writes)."""
+    return any(re.search(rf"\b{name}\(", source) for name in names)
+
+
 def student_notebook(nb: dict) -> dict:
-    cells = []
+    """The student version of one notebook. A cell that runs a stub, at top level or by
+    calling a function left for the student, is tagged `raises-exception` for nbval."""
+    cells, stubbed = [], set()
     for cell in nb["cells"]:
         cell = json.loads(json.dumps(cell))
         if "book-only" in cell.get("metadata", {}).get("tags", []):
             continue
         source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
         if cell["cell_type"] == "code":
-            source, top_level_stub = strip_source(source)
+            stripped, top_level_stub = strip_source(source)
+            defined = set(DEFINITION.findall(stripped))
+            runs_stub = top_level_stub or calls_any(stripped, stubbed - defined)
+            if stripped != source:
+                stubbed |= defined
+            source = stripped
             if not source.strip():
                 continue
             cell["outputs"], cell["execution_count"] = [], None
             tags = [t for t in cell.get("metadata", {}).get("tags", []) if t != "hide-input"]
-            if top_level_stub:
+            if runs_stub and "raises-exception" not in tags:
                 tags.append("raises-exception")
             cell.setdefault("metadata", {})["tags"] = tags
             if not tags:
