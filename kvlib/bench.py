@@ -1,13 +1,15 @@
-"""Benchmarks of decode attention and of whole decode steps, used by `kvlib bench` and
-chapter 8.
+"""Benchmarks of decode attention, of whole decode steps and of prefill, used by
+`kvlib bench` and chapter 8.
 
 Attention is timed through the cache protocol, exactly as the model calls it: a cache is
 filled with `context` tokens per sequence, one decode step is planned and written, and
 `cache.attend` is timed (median of repeats, after a warm-up call that also compiles).
+Whole steps time `model.forward` and, inside it, the share spent in `cache.attend`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -150,16 +152,18 @@ class DecodeProfile:
         context: tokens in the cache when the step starts.
         step_seconds: whole forward step (all layers, LM head).
         attention_seconds: part of it spent in `cache.attend` (all layers).
+        batch: sequences decoding together, one new token each per step.
     """
 
     backend: str
     context: int
     step_seconds: float
     attention_seconds: float
+    batch: int = 1
 
     @property
     def tokens_per_s(self) -> float:
-        return 1.0 / self.step_seconds
+        return self.batch / self.step_seconds
 
     @property
     def attention_share(self) -> float:
@@ -175,17 +179,7 @@ def profile_decode(model, cache, seq_id: int, context: int, steps: int = 4,
     """
     if steps < 1 or not 1 <= context <= cache.length(seq_id):
         raise ConfigError(f"need steps >= 1 and 1 <= context <= {cache.length(seq_id)}")
-    attend = cache.attend
-    attention_times: list[float] = []
-
-    def timed_attend(layer, plan, q):
-        start = time.perf_counter()
-        out = attend(layer, plan, q)
-        attention_times.append(time.perf_counter() - start)
-        return out
-
-    cache.attend = timed_attend  # instance attribute: shadows the method for this run
-    try:
+    with timed_attention(cache) as attention_times:
         cache.crop(seq_id, context)
         model.forward([[token]], cache, [seq_id])  # warm-up
         step_times, per_step_attention = [], []
@@ -195,27 +189,150 @@ def profile_decode(model, cache, seq_id: int, context: int, steps: int = 4,
             model.forward([[token]], cache, [seq_id])
             step_times.append(time.perf_counter() - start)
             per_step_attention.append(sum(attention_times))
-    finally:
-        del cache.attend
     return DecodeProfile(cache.backend, context, float(np.median(step_times)),
                          float(np.median(per_step_attention)))
 
 
-def extend_by_repetition(cache, seq_id: int, length: int) -> None:
-    """Grow a sequence of a `ContiguousCache` to `length` tokens by repeating its keys/values.
+@contextlib.contextmanager
+def timed_attention(cache):
+    """Within the block, every `cache.attend` call appends its seconds to the list
+    this yields."""
+    attend = cache.attend
+    seconds: list[float] = []
 
-    For timing long contexts without a long prefill: the cost of a decode step depends on
-    how many tokens are cached, not on what they are.
+    def timed_attend(layer, plan, q):
+        start = time.perf_counter()
+        out = attend(layer, plan, q)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    cache.attend = timed_attend  # instance attribute: shadows the method for the block
+    try:
+        yield seconds
+    finally:
+        del cache.attend
+
+
+def prefill_flops(config, n_tokens: int) -> tuple[float, float]:
+    """(weight-matrix FLOPs, attention FLOPs) of a prefill of `n_tokens` tokens.
+
+    Weight matrices: per layer and token, a multiply-add (2 FLOPs) for every parameter of
+    the Q, K, V and output projections and of the three feed-forward matrices; the LM
+    head for the last token only. Attention: 4 * n_heads * head_dim FLOPs per (query,
+    visible key) pair, n (n + 1) / 2 pairs per layer for a causal prefill; a kernel that
+    computes the masked half as well does twice that, the useful work stays this.
     """
-    have = cache.length(seq_id)
-    if have < 1 or length < have:
-        raise ConfigError(f"sequence holds {have} tokens; cannot extend it to {length}")
-    if length == have:
-        return
-    plan = cache.plan([seq_id], [length - have])
-    reps = -(-length // have)
-    for layer in range(cache.n_layers):
-        k, v = (np.tile(x[layer, seq_id, :, :have], (1, reps, 1))[:, have:length]
-                .transpose(1, 0, 2).copy() for x in (cache.keys, cache.values))
-        cache.write(layer, plan, k, v)
-    cache.commit(plan)
+    if n_tokens < 1:
+        raise ConfigError(f"n_tokens must be positive, got {n_tokens}")
+    c = config
+    per_layer = (c.hidden_size * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+                 + c.n_heads * c.head_dim * c.hidden_size
+                 + 3 * c.hidden_size * c.intermediate_size)
+    weights = 2 * n_tokens * per_layer * c.n_layers + 2 * c.hidden_size * c.vocab_size
+    attention = 4 * c.n_heads * c.head_dim * n_tokens * (n_tokens + 1) / 2 * c.n_layers
+    return float(weights), float(attention)
+
+
+@dataclass(frozen=True)
+class PrefillTiming:
+    """Median time of a real-model prefill of one sequence.
+
+    Attributes:
+        backend: the cache's attention backend.
+        tokens: prompt tokens.
+        seconds: the whole `model.forward` (all layers, last token's logits).
+        attention_seconds: the part spent in `cache.attend` (all layers).
+        flops: useful FLOPs (`prefill_flops`, weights plus attention).
+    """
+
+    backend: str
+    tokens: int
+    seconds: float
+    attention_seconds: float
+    flops: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / self.seconds
+
+
+def bench_prefill(model, ids, backends, repeats: int = 3) -> tuple[list[PrefillTiming], list[float]]:
+    """Prefill `ids` into an empty float32 contiguous cache with each attention backend.
+
+    Rounds interleave the backends with a measurement of the matmul roof
+    (`measure_matmul_roof` over as many rows as tokens), so a machine that slows down
+    mid-run slows every figure alike; the first round warms up (and compiles) and is
+    dropped. Returns (one `PrefillTiming` per backend, median times of `repeats`
+    rounds; the matmul roof of each timed round in FLOP/s).
+    """
+    from .roofline import measure_matmul_roof
+
+    unknown = [b for b in backends if b not in ("numpy", "numba")]
+    if unknown or repeats < 1:
+        raise ConfigError(f"prefill backends are numpy and numba (got {backends}); "
+                          f"repeats must be positive (got {repeats})")
+    ids = np.asarray(ids, dtype=np.int64)
+    config = model.config
+    caches = {b: ContiguousCache.from_config(config, 1, len(ids), backend=b) for b in backends}
+    totals = {b: [] for b in backends}
+    in_attention = {b: [] for b in backends}
+    roofs = []
+    for _ in range(repeats + 1):
+        for backend, cache in caches.items():
+            cache.reset()
+            with timed_attention(cache) as attention_times:
+                start = time.perf_counter()
+                model.forward([ids], cache, [cache.new_sequence()])
+                totals[backend].append(time.perf_counter() - start)
+            in_attention[backend].append(sum(attention_times))
+        roofs.append(measure_matmul_roof(len(ids), config.hidden_size,
+                                         config.intermediate_size, repeats=1))
+    flops = sum(prefill_flops(config, len(ids)))
+    timings = [PrefillTiming(b, len(ids), float(np.median(totals[b][1:])),
+                             float(np.median(in_attention[b][1:])), flops) for b in backends]
+    return timings, roofs[1:]
+
+
+def bench_decode(model, ids, batch: int, backends, steps: int = 8,
+                 token: int = 198) -> list[DecodeProfile]:
+    """End-to-end decode: `batch` sequences holding `ids` each, one token per step.
+
+    Each backend gets a float32 contiguous cache; `ids` is prefilled once (with the
+    Numba kernels) and copied into the other rows through the cache protocol. Steps
+    then alternate between the backends, one warm-up step each first; the median step
+    of `steps` is kept.
+    """
+    if batch < 1 or steps < 1:
+        raise ConfigError(f"batch and steps must be positive, got {batch}, {steps}")
+    ids = np.asarray(ids, dtype=np.int64)
+    caches = {}
+    for backend in backends:
+        cache = ContiguousCache.from_config(model.config, batch, len(ids) + steps + 1,
+                                            backend="numba")
+        first = cache.new_sequence()
+        model.forward([ids], cache, [first])
+        others = [cache.new_sequence() for _ in range(batch - 1)]
+        if others:
+            plan = cache.plan(others, [len(ids)] * len(others))
+            for layer in range(cache.n_layers):
+                k, v = (np.tile(x[layer, first, :, :len(ids)].transpose(1, 0, 2),
+                                (len(others), 1, 1)) for x in (cache.keys, cache.values))
+                cache.write(layer, plan, k, v)
+            cache.commit(plan)
+        caches[backend] = cache.set_backend(backend)
+    step_times = {b: [] for b in backends}
+    attention = {b: [] for b in backends}
+    feed = [np.array([token])] * batch
+    for _ in range(steps + 1):
+        for backend, cache in caches.items():
+            with timed_attention(cache) as attention_times:
+                start = time.perf_counter()
+                model.forward(feed, cache, cache.sequences())
+                step_times[backend].append(time.perf_counter() - start)
+            attention[backend].append(sum(attention_times))
+    return [DecodeProfile(b, len(ids), float(np.median(step_times[b][1:])),
+                          float(np.median(attention[b][1:])), batch) for b in backends]

@@ -450,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feed each prompt through the cache C tokens at a time "
                           "(chunked prefill; needs a cache)")
     gen.add_argument("--backend", choices=["numpy", "numba", "cuda"], default="numpy",
-                     help="attention of decode steps: NumPy reference, the Numba kernel, or "
-                          "the numba.cuda kernel (--cache paged; a GPU, or the simulator "
+                     help="attention: the NumPy reference; the Numba kernels (decode, and "
+                          "the causal prefill kernel of the float32 caches); or the "
+                          "numba.cuda decode kernel (--cache paged; a GPU, or the simulator "
                           "with NUMBA_ENABLE_CUDASIM=1)")
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt in the model's chat template")
@@ -484,6 +485,26 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--json", action="store_true", help="one JSON object per row")
     att.add_argument("--quiet", action="store_true", help="no progress on stderr")
     att.set_defaults(run=cmd_bench_attention, parser=att)
+    pre = bench_sub.add_parser(
+        "prefill", help="a real-model prefill per attention backend, against the matmul "
+                        "roof of this machine")
+    pre.add_argument("--tokens", type=at_least(2), default=2000,
+                     help="prompt tokens (the evaluation text, repeated)")
+    pre.add_argument("--backend", nargs="+", choices=["numpy", "numba"],
+                     default=["numpy", "numba"], dest="backends")
+    pre.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds (median)")
+    pre.add_argument("--json", action="store_true", help="one JSON object per backend")
+    pre.set_defaults(run=cmd_bench_prefill, parser=pre)
+    dec = bench_sub.add_parser(
+        "decode", help="end-to-end real-model decode steps per attention backend")
+    dec.add_argument("--context", type=at_least(1), default=2000,
+                     help="tokens cached per sequence before the first timed step")
+    dec.add_argument("--batch", type=at_least(1), default=1, help="sequences")
+    dec.add_argument("--backend", nargs="+", choices=["numpy", "numba"],
+                     default=["numpy", "numba"], dest="backends")
+    dec.add_argument("--steps", type=at_least(1), default=8, help="timed steps (median)")
+    dec.add_argument("--json", action="store_true", help="one JSON object per backend")
+    dec.set_defaults(run=cmd_bench_decode, parser=dec)
 
     mem = sub.add_parser("memory", help="KV cache bytes of a real model (see --list)")
     mem.add_argument("--model", help="a preset name, e.g. llama-3-8b")
@@ -536,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--token-budget", type=at_least(1), default=256,
                      help="most tokens per forward step, decodes and prefill chunks")
     srv.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
-                     help="attention of decode steps: NumPy reference or the Numba kernel")
+                     help="attention: the NumPy reference or the Numba kernels (decode "
+                          "steps, and the causal kernel for steps with prefill chunks)")
     srv.add_argument("--quiet", action="store_true", help="no progress, warnings only")
     srv.set_defaults(run=cmd_serve, parser=srv)
     return parser
@@ -605,6 +627,72 @@ def cmd_bench_attention(args) -> int:
     for r in rows:
         emit(f"{r['backend']:<12}{r['batch']:>6}{r['context']:>9}{r['seconds'] * 1e3:>10.3f}"
              f"{r['gb_per_s']:>8.1f}{r['fraction_of_roof']:>9.0%}")
+    return 0
+
+
+def _benchmark_model(n_tokens: int, flag: str, quiet: bool = True):
+    """(model, ids): the model, and `n_tokens` ids of the evaluation text repeated,
+    refused before loading if they would not fit the model's context."""
+    import numpy as np
+
+    from .evaluate import eval_text
+    from .model import ModelFile
+
+    file = ModelFile()
+    if n_tokens > file.config.max_position:
+        raise ConfigError(f"{flag} {n_tokens} is past the model's context of "
+                          f"{file.config.max_position} tokens")
+    ids = np.resize(file.tokenizer.encode(eval_text()), n_tokens)
+    return file.load(progress=not quiet), ids
+
+
+def cmd_bench_prefill(args) -> int:
+    import numpy as np
+
+    from .bench import bench_prefill
+
+    model, ids = _benchmark_model(args.tokens, "--tokens")
+    timings, roofs = bench_prefill(model, ids, args.backends, args.repeats)
+    roof = float(np.median(roofs))
+    rows = [{"backend": t.backend, "tokens": t.tokens, "seconds": t.seconds,
+             "tokens_per_s": t.tokens_per_s, "attention_seconds": t.attention_seconds,
+             "gflop": t.flops / 1e9, "gflop_per_s": t.flops_per_s / 1e9,
+             "matmul_roof_gflop_per_s": roof / 1e9,
+             "matmul_roof_spread": (max(roofs) - min(roofs)) / roof,
+             "fraction_of_roof": t.flops_per_s / roof} for t in timings]
+    if args.json:
+        for r in rows:
+            emit(json.dumps(r))
+        return 0
+    emit(f"prefill of {args.tokens} tokens ({rows[0]['gflop']:.0f} GFLOP); matmul roof "
+         f"{roof / 1e9:.0f} GFLOP/s (median of {len(roofs)}, spread "
+         f"{rows[0]['matmul_roof_spread']:.0%})")
+    emit(f"{'backend':<9}{'seconds':>9}{'tokens/s':>10}{'attention s':>13}{'GFLOP/s':>9}"
+         f"{'of roof':>9}")
+    for r in rows:
+        emit(f"{r['backend']:<9}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.0f}"
+             f"{r['attention_seconds']:>13.2f}{r['gflop_per_s']:>9.1f}"
+             f"{r['fraction_of_roof']:>9.0%}")
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from .bench import bench_decode
+
+    model, ids = _benchmark_model(args.context + args.steps + 1, "--context plus --steps")
+    profiles = bench_decode(model, ids[:args.context], args.batch, args.backends, args.steps)
+    rows = [{"backend": p.backend, "context": p.context, "batch": p.batch,
+             "step_seconds": p.step_seconds, "tokens_per_s": p.tokens_per_s,
+             "attention_share": p.attention_share} for p in profiles]
+    if args.json:
+        for r in rows:
+            emit(json.dumps(r))
+        return 0
+    emit(f"decode, batch {args.batch} x {args.context} cached tokens")
+    emit(f"{'backend':<9}{'ms/step':>9}{'tokens/s':>10}{'attention':>11}")
+    for r in rows:
+        emit(f"{r['backend']:<9}{r['step_seconds'] * 1e3:>9.1f}{r['tokens_per_s']:>10.1f}"
+             f"{r['attention_share']:>11.0%}")
     return 0
 
 

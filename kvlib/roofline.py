@@ -174,6 +174,23 @@ def measure_roofline(array_mb: int = 128, repeats: int = 5, fma_seconds: float =
     return Roofline(bandwidth, peak, threads, machine)
 
 
+def measure_matmul_roof(rows: int = 2048, inner: int = 576, cols: int = 1536,
+                       repeats: int = 3) -> float:
+    """FP32 FLOP/s of NumPy's matrix product (BLAS) on a `[rows, inner] @ [inner, cols]`
+    product, best of `repeats` after a warm-up.
+
+    The default shape is SmolLM2-135M's feed-forward projection over 2,048 tokens: the
+    speed the weight matrices of a prefill can reach on this machine, which a prefill
+    can at best approach (the FMA kernel's `peak_flops` is what no real product reaches).
+    """
+    if min(rows, inner, cols, repeats) < 1:
+        raise ConfigError("matrix sizes and repeats must be positive")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, inner), dtype=np.float32)
+    b = rng.standard_normal((cols, inner), dtype=np.float32)   # [out, in], as weights are
+    return 2 * rows * inner * cols / _best_time(lambda: a @ b.T, repeats)
+
+
 @dataclass(frozen=True)
 class Traffic:
     """Work of one decode-attention call.

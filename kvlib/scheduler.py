@@ -171,9 +171,11 @@ class StepCostModel:
 
     @classmethod
     def fit(cls, starts_per_step, counts_per_step, seconds, per_pair: float | None = None,
-            relative: bool = False) -> "StepCostModel":
-        """Least squares over timed steps (rectangle pairs), keeping every coefficient
-        >= 0 (a coefficient that comes out negative is dropped and the rest refitted).
+            relative: bool = False, causal: bool = False) -> "StepCostModel":
+        """Least squares over timed steps, keeping every coefficient >= 0 (a coefficient
+        that comes out negative is dropped and the rest refitted). Pairs are counted as
+        `causal` says: rectangles for the NumPy reference, the causal count for a
+        kernel that skips masked scores.
 
         `per_pair`, if given, is taken as known (measured on attention alone) and only
         the other coefficients are fitted: in steps of a short prompt, pairs and tokens
@@ -181,7 +183,8 @@ class StepCostModel:
         each step's error counts relative to its time, so that short steps (whose
         per-call costs matter) weigh as much as long ones.
         """
-        x = np.array([step_features(s, c) for s, c in zip(starts_per_step, counts_per_step)])
+        x = np.array([step_features(s, c, causal)
+                      for s, c in zip(starts_per_step, counts_per_step)])
         y = np.asarray(seconds, dtype=np.float64)
         active = [0, 1, 2, 3]
         if per_pair is not None:
@@ -202,7 +205,7 @@ class StepCostModel:
         full[active] = coef
         if per_pair is not None:
             full[2] = per_pair
-        return cls(*map(float, full))
+        return cls(*map(float, full), causal=causal)
 
     def predict(self, starts, counts) -> float:
         coef = np.array([self.fixed, self.per_token, self.per_pair, self.per_sequence])

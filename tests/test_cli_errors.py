@@ -140,6 +140,15 @@ def test_full_disk_and_closed_pipe_on_stdout():
     assert "cannot write to stdout: Broken pipe" in one_line_error(err)
 
 
+def _interruptible(argv, **kwargs) -> subprocess.Popen:
+    """Start `python -m kvlib argv` with Ctrl-C's default action, as in a terminal: a
+    job started in the background by a script inherits SIGINT ignored, and Python
+    then never raises KeyboardInterrupt."""
+    return subprocess.Popen([sys.executable, "-m", "kvlib", *argv],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **kwargs)
+
+
 def _interrupt_when(proc, ready, timeout=240.0) -> None:
     start = time.monotonic()
     while not ready() and time.monotonic() - start < timeout and proc.poll() is None:
@@ -149,14 +158,16 @@ def _interrupt_when(proc, ready, timeout=240.0) -> None:
 
 def test_ctrl_c_during_generation_exits_130():
     # a prompt this long shows a prefill progress bar on stderr: generation has begun
-    proc = subprocess.Popen([sys.executable, "-m", "kvlib", "generate", "word " * 600,
-                             "--max-new-tokens", "2000"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = _interruptible(["generate", "word " * 600, "--max-new-tokens", "2000"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = []
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), b"")))
     reader.start()
-    _interrupt_when(proc, lambda: b"prefill" in b"".join(err))
-    assert proc.wait(timeout=60) == 130
+    try:
+        _interrupt_when(proc, lambda: b"prefill" in b"".join(err))
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()   # a failed run must not keep generating beside the next tests
     reader.join()
     text = b"".join(err).decode()
     assert "prefill" in text and "Traceback" not in text
@@ -165,9 +176,8 @@ def test_ctrl_c_during_generation_exits_130():
 
 def test_ctrl_c_during_dequantization_exits_130_and_leaves_no_staging(tmp_path):
     env = os.environ | {"KVLIB_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "kvlib", "generate", "x",
-                             "--max-new-tokens", "1", "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _interruptible(["generate", "x", "--max-new-tokens", "1", "--quiet"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _interrupt_when(proc, lambda: any(".staging" in p.name for p in tmp_path.iterdir()))
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 130

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from test_cli import run
 
 
@@ -31,3 +33,33 @@ def test_generate_same_text_with_numpy_and_numba_backends():
             "--backend", "numba")
     assert a.returncode == b.returncode == 0, b.stderr
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_bench_prefill_json_rows():
+    out = run("bench", "prefill", "--tokens", "96", "--repeats", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["backend"] for r in rows] == ["numpy", "numba"]
+    for r in rows:
+        assert r["tokens"] == 96 and r["seconds"] > 0 and r["attention_seconds"] > 0
+        assert r["tokens_per_s"] == 96 / r["seconds"]
+        assert r["gflop_per_s"] / r["matmul_roof_gflop_per_s"] == \
+            pytest.approx(r["fraction_of_roof"], rel=1e-12)
+    assert rows[0]["gflop"] == rows[1]["gflop"]
+
+
+def test_bench_decode_json_rows():
+    out = run("bench", "decode", "--context", "40", "--batch", "3", "--steps", "1",
+              "--backend", "numba", "--json")
+    assert out.returncode == 0, out.stderr
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert (row["backend"], row["context"], row["batch"]) == ("numba", 40, 3)
+    assert row["tokens_per_s"] == 3 / row["step_seconds"]
+    assert 0 < row["attention_share"] < 1
+
+
+def test_bench_prefill_past_the_context_is_refused_before_loading():
+    out = run("bench", "prefill", "--tokens", "9000")
+    assert out.returncode == 2
+    assert out.stderr == "kvlib: error: --tokens 9000 is past the model's context of " \
+                         "8192 tokens\n"

@@ -39,24 +39,32 @@ from ..masks import causal_mask
 
 BACKENDS = ("numpy", "numba", "cuda")  # how a cache computes attention; see `set_backend`
 
-DECODE_KERNELS: dict[tuple[type, str], Callable] = {}
-"""(cache class, backend) -> kernel(cache, layer, plan, q) that runs a decode step's
-attention; "numpy" needs no entry (the per-sequence loop of `KVCache.attend`)."""
+STEP_KINDS = ("decode", "prefill")
+"""A "decode" step adds one token to every sequence; any other step (prefill, chunked
+prefill, a mix of prefill chunks and decodes) is a "prefill" step."""
+
+ATTENTION_KERNELS: dict[tuple[type, str, str], Callable] = {}
+"""(cache class, backend, step kind) -> kernel(cache, layer, plan, q) that runs a step's
+attention; "numpy" needs no entry (the per-sequence loop of `KVCache.attend`), and a
+step kind without a kernel falls back to that loop too."""
 
 
-def decode_kernel(cache_type: type, backend: str):
-    """Register the decorated function as `cache_type`'s decode kernel for `backend`."""
+def attention_kernel(cache_type: type, backend: str, step: str = "decode"):
+    """Register the decorated function as `cache_type`'s `step` kernel for `backend`."""
+    if step not in STEP_KINDS:
+        raise ValueError(f"step must be one of {STEP_KINDS}, got {step!r}")
+
     def register(kernel: Callable) -> Callable:
-        DECODE_KERNELS[(cache_type, backend)] = kernel
+        ATTENTION_KERNELS[(cache_type, backend, step)] = kernel
         return kernel
     return register
 
 
-def kernel_for(cache_type: type, backend: str) -> Callable | None:
-    """The decode kernel of `cache_type` (or of its nearest base class) for `backend`."""
+def kernel_for(cache_type: type, backend: str, step: str = "decode") -> Callable | None:
+    """The `step` kernel of `cache_type` (or of its nearest base class) for `backend`."""
     for cls in cache_type.__mro__:
-        if (cls, backend) in DECODE_KERNELS:
-            return DECODE_KERNELS[(cls, backend)]
+        if (cls, backend, step) in ATTENTION_KERNELS:
+            return ATTENTION_KERNELS[(cls, backend, step)]
     return None
 
 
@@ -130,10 +138,12 @@ class KVCache(ABC):
     """Storage of keys and values for several sequences, one layer at a time.
 
     `backend` says how `attend` computes: "numpy" (the reference, every step),
-    "numba" (a compiled kernel from `kvlib.kernels.cpu` for decode steps, where every
-    sequence adds one token; multi-token steps such as prefill stay on NumPy) or "cuda"
-    (the `numba.cuda` kernel of `kvlib.kernels.cuda`, decode steps of the paged cache).
-    Kernels are looked up in `DECODE_KERNELS` by (cache class, backend).
+    "numba" (compiled kernels: `kvlib.kernels.cpu` for decode steps, where every
+    sequence adds one token, and the causal kernel of `kvlib.kernels.prefill` for the
+    other steps of the float32 caches) or "cuda" (the `numba.cuda` kernel of
+    `kvlib.kernels.cuda`, decode steps of the paged cache). Kernels are looked up in
+    `ATTENTION_KERNELS` by (cache class, backend, step kind); a step with no kernel runs
+    the NumPy loop.
 
     A cache says how to read one sequence's keys and values (`_sequence_kv`) and, if it
     is not the causal one, its mask (`_mask`); `attend` is written once, here.
@@ -275,12 +285,16 @@ class KVCache(ABC):
     def attend(self, layer: int, plan: StepPlan, q: np.ndarray) -> np.ndarray:
         """Attention of q ([n_tokens, n_heads, head_dim]) over each sequence's cache.
 
-        A decode step on a compiled backend runs its kernel; anything else loops over
-        the sequences in NumPy: read the sequence's keys/values, mask, attend.
+        On a compiled backend the step runs the kernel registered for its kind (decode
+        or prefill); otherwise it loops over the sequences in NumPy: read the
+        sequence's keys/values, mask, attend.
         """
         self._check_q(layer, plan, q)
-        if self.backend != "numpy" and plan.is_decode:
-            return kernel_for(type(self), self.backend)(self, layer, plan, q)
+        if self.backend != "numpy":
+            step = "decode" if plan.is_decode else "prefill"
+            kernel = kernel_for(type(self), self.backend, step)
+            if kernel is not None:
+                return kernel(self, layer, plan, q)
         out = np.empty_like(q)
         for i in range(len(plan.seq_ids)):
             k, v = self._sequence_kv(layer, plan, i)

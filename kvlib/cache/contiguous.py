@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .base import StepPlan, decode_kernel
+from .base import StepPlan, attention_kernel
 from .rows import RowCache
 
 
@@ -80,10 +80,21 @@ class ContiguousCache(RowCache):
             self.lengths[s] += c
 
 
-@decode_kernel(ContiguousCache, "numba")
+@attention_kernel(ContiguousCache, "numba")
 def _decode_numba(cache: ContiguousCache, layer: int, plan: StepPlan, q: np.ndarray):
     """One compiled pass over each row's contiguous keys/values."""
     from ..kernels.cpu import decode_contiguous
 
     return decode_contiguous(q, cache.keys[layer], cache.values[layer],
                              np.asarray(plan.seq_ids), plan.starts + 1)
+
+
+@attention_kernel(ContiguousCache, "numba", "prefill")
+def _prefill_numba(cache: ContiguousCache, layer: int, plan: StepPlan, q: np.ndarray):
+    """The causal tiled kernel, reading the layer as a pool whose blocks are its rows
+    (one block of `max_seq` tokens per sequence)."""
+    from ..kernels.prefill import causal_attention
+
+    rows = np.asarray(plan.seq_ids, dtype=np.int32)[:, None]
+    return causal_attention(q, cache.keys[layer], cache.values[layer], rows, plan.starts,
+                            plan.counts)

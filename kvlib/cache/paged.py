@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CapacityError, ConfigError, DoubleFreeError, LengthError, OutOfBlocksError
 from ..errors import UnknownSequenceError
-from .base import KVCache, StepPlan, decode_kernel
+from .base import KVCache, StepPlan, attention_kernel
 from .block_pool import BlockPool, block_pool_nbytes, prefix_keys
 
 
@@ -393,7 +393,7 @@ class PagedCache(KVCache):
         self.table_lengths[row] = min(keep, int(self.table_lengths[row]))
 
 
-@decode_kernel(PagedCache, "numba")
+@attention_kernel(PagedCache, "numba")
 def _decode_numba(cache: PagedCache, layer: int, plan: PagedStepPlan, q: np.ndarray):
     """The kernel walks the step's block tables (built once per step, in `reserve`)."""
     from ..kernels.cpu import decode_paged
@@ -402,7 +402,16 @@ def _decode_numba(cache: PagedCache, layer: int, plan: PagedStepPlan, q: np.ndar
                         plan.starts + 1)
 
 
-@decode_kernel(PagedCache, "cuda")
+@attention_kernel(PagedCache, "numba", "prefill")
+def _prefill_numba(cache: PagedCache, layer: int, plan: PagedStepPlan, q: np.ndarray):
+    """The causal tiled kernel, walking the same block tables as the decode kernel."""
+    from ..kernels.prefill import causal_attention
+
+    return causal_attention(q, cache.keys[layer], cache.values[layer], plan.tables,
+                            plan.starts, plan.counts)
+
+
+@attention_kernel(PagedCache, "cuda")
 def _decode_cuda(cache: PagedCache, layer: int, plan: PagedStepPlan, q: np.ndarray):
     """The `numba.cuda` kernel: one block per (sequence, KV head, split), split-K merge."""
     from ..kernels.cuda import decode_paged

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import ConfigError, QuantizationError
 from ..quantize import Quantized, code_range, dequantize, quantize
-from .base import StepPlan, decode_kernel
+from .base import StepPlan, attention_kernel
 from .rows import RowCache
 
 SCALE_DTYPE = np.float16
@@ -326,7 +326,7 @@ class QuantizedCache(RowCache):
             self.lengths[s] += c
 
 
-@decode_kernel(QuantizedCache, "numba")
+@attention_kernel(QuantizedCache, "numba")
 def _decode_numba(cache: QuantizedCache, layer: int, plan: StepPlan, q: np.ndarray):
     """8-bit codes dequantized inside the kernel; the float32 tail read as it is."""
     from ..kernels.cpu import decode_int8
