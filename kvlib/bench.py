@@ -260,7 +260,8 @@ class PrefillTiming:
         return self.flops / self.seconds
 
 
-def bench_prefill(model, ids, backends, repeats: int = 3) -> tuple[list[PrefillTiming], list[float]]:
+def bench_prefill(model, ids, backends,
+                  repeats: int = 3) -> tuple[list[PrefillTiming], list[float]]:
     """Prefill `ids` into an empty float32 contiguous cache with each attention backend.
 
     Rounds interleave the backends with a measurement of the matmul roof
@@ -296,6 +297,25 @@ def bench_prefill(model, ids, backends, repeats: int = 3) -> tuple[list[PrefillT
                              float(np.median(in_attention[b][1:])), flops) for b in backends]
     return timings, roofs[1:]
 
+
+def extend_by_repetition(cache, seq_id: int, length: int) -> None:
+    """Grow a sequence of a `ContiguousCache` to `length` tokens by repeating its keys/values.
+
+    For timing long contexts without a long prefill: the cost of a decode step depends on
+    how many tokens are cached, not on what they are.
+    """
+    have = cache.length(seq_id)
+    if have < 1 or length < have:
+        raise ConfigError(f"sequence holds {have} tokens; cannot extend it to {length}")
+    if length == have:
+        return
+    plan = cache.plan([seq_id], [length - have])
+    reps = -(-length // have)
+    for layer in range(cache.n_layers):
+        k, v = (np.tile(x[layer, seq_id, :, :have], (1, reps, 1))[:, have:length]
+                .transpose(1, 0, 2).copy() for x in (cache.keys, cache.values))
+        cache.write(layer, plan, k, v)
+    cache.commit(plan)
 
 def bench_decode(model, ids, batch: int, backends, steps: int = 8,
                  token: int = 198) -> list[DecodeProfile]:

@@ -82,8 +82,9 @@ def test_backend_choice_is_checked_before_any_change():
     assert half.backend == "numpy"
 
 
-def test_cache_attend_uses_kernel_for_decode_and_numpy_for_prefill(rng):
-    """Same outputs from both backends for a prefill step then two decode steps."""
+def test_cache_attend_same_with_both_backends_for_prefill_and_decode(rng):
+    """Same outputs from both backends for a prefill step (the causal kernel) then two
+    decode steps (the decode kernel)."""
     caches = {b: ContiguousCache(1, 2, 16, max_batch=3, max_seq=40, backend=b)
               for b in ("numpy", "numba")}
     seqs = {b: [c.new_sequence() for _ in range(3)] for b, c in caches.items()}

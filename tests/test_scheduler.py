@@ -143,6 +143,21 @@ def test_fit_with_a_known_pair_cost_recovers_the_rest(rng):
                                    rtol=1e-6)
 
 
+def test_a_causal_fit_counts_causal_pairs_and_stays_causal(rng):
+    """Steps timed on a causal kernel: fitted with causal pair counts, all four costs
+    come back; fitted as rectangles, the pair cost does not."""
+    truth = StepCostModel(0.02, 1e-3, 2e-7, 5e-4, causal=True)
+    starts = [rng.integers(0, 500, n) for n in rng.integers(1, 6, 40)]
+    counts = [rng.integers(1, 200, len(s)) for s in starts]
+    seconds = [truth.predict(s, c) for s, c in zip(starts, counts)]
+    fitted = StepCostModel.fit(starts, counts, seconds, causal=True)
+    assert fitted.causal
+    np.testing.assert_allclose([fitted.fixed, fitted.per_token, fitted.per_pair,
+                                fitted.per_sequence], [0.02, 1e-3, 2e-7, 5e-4], rtol=1e-6)
+    rectangles = StepCostModel.fit(starts, counts, seconds)
+    assert not rectangles.causal and abs(rectangles.per_pair / 2e-7 - 1) > 0.01
+
+
 def test_a_relative_fit_weighs_short_steps_as_much_as_long_ones():
     # one long step with a 10% error: an absolute fit bends the per-call cost to it,
     # a relative one keeps the short steps right
