@@ -602,6 +602,13 @@ def cmd_roofline(args) -> int:
     return 0
 
 
+def _emit_json(rows) -> int:
+    """Print one JSON object per row; returns the exit status, 0."""
+    for r in rows:
+        emit(json.dumps(r))
+    return 0
+
+
 def cmd_bench_attention(args) -> int:
     from .bench import ATTENTION_BACKENDS, bench_attention
     from .model import ModelFile
@@ -617,9 +624,7 @@ def cmd_bench_attention(args) -> int:
                            cfg.n_kv_heads, cfg.head_dim, args.repeats,
                            progress=not args.quiet)
     if args.json:
-        for r in rows:
-            emit(json.dumps(r))
-        return 0
+        return _emit_json(rows)
     emit(f"bandwidth roof {roof.memory_roof / 1e9:.1f} GB/s "
          f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in roof.bandwidth.items())}); "
          f"peak FP32 {roof.peak_flops / 1e9:.0f} GFLOP/s; {roof.machine}")
@@ -661,9 +666,7 @@ def cmd_bench_prefill(args) -> int:
              "matmul_roof_spread": (max(roofs) - min(roofs)) / roof,
              "fraction_of_roof": t.flops_per_s / roof} for t in timings]
     if args.json:
-        for r in rows:
-            emit(json.dumps(r))
-        return 0
+        return _emit_json(rows)
     emit(f"prefill of {args.tokens} tokens ({rows[0]['gflop']:.0f} GFLOP); matmul roof "
          f"{roof / 1e9:.0f} GFLOP/s (median of {len(roofs)}, spread "
          f"{rows[0]['matmul_roof_spread']:.0%})")
@@ -685,9 +688,7 @@ def cmd_bench_decode(args) -> int:
              "step_seconds": p.step_seconds, "tokens_per_s": p.tokens_per_s,
              "attention_share": p.attention_share} for p in profiles]
     if args.json:
-        for r in rows:
-            emit(json.dumps(r))
-        return 0
+        return _emit_json(rows)
     emit(f"decode, batch {args.batch} x {args.context} cached tokens")
     emit(f"{'backend':<9}{'ms/step':>9}{'tokens/s':>10}{'attention':>11}")
     for r in rows:

@@ -11,8 +11,9 @@ is FlashAttention-2's loop order, on the CPU:
 * **Each K/V tile is loaded once for the whole query tile**, all G heads included: it is
   copied out of the cache (through the block table) into two small buffers, keys
   transposed, and then used by every row. The score tile is a small matrix product,
-  `[rows, d] @ [d, K_TILE]`, and so is the value update: the work per byte read grows with
-  the query tile, which is what moves prefill from memory-bound to compute-bound.
+  `[rows, d] @ [d, K_TILE]`, and so is the value update, `[rows, K_TILE] @ [K_TILE, d]`
+  (`_add_product` computes both): the work per byte read grows with the query tile,
+  which is what moves prefill from memory-bound to compute-bound.
 * **The online softmax of chapter 7** (running maximum, sum and unnormalised output per
   row; `kvlib.kernels.cpu._softmax_update`), so no `[T, S]` score matrix exists.
 * **Tiles above the causal diagonal are never computed**: the key loop of a query tile
@@ -39,9 +40,9 @@ from numba import njit, prange
 from ..errors import DTypeError, ShapeError
 from .cpu import LANES_FM, _softmax_update
 
-Q_TILE = 64   # new tokens per work item (times G query heads = rows of the query tile)
+Q_TILE = 32   # new tokens per work item (times G query heads = rows of the query tile)
 K_TILE = 64   # keys per online-softmax update
-ROWS = 4      # query rows that share each pass of the tile products
+ROWS = 4      # rows (and columns) of `a` per pass of `_add_product`
 
 
 @njit(cache=True, fastmath=LANES_FM)
@@ -67,87 +68,52 @@ def _load_tile(store, table, kv_head, first, n, out, transpose):
                 out[i, j] = row[j]
 
 
-@njit(cache=True, fastmath=LANES_FM)
-def _tile_scores(q_rows, keys_t, n, scores):
-    """scores[r, :n] = q_rows[r] @ keys_t[:, :n]: one row of scores per query row.
-
-    A sum of outer products over the head dimension: the innermost loop runs along n
-    contiguous keys, so the compiler makes it SIMD multiply-adds. Four rows and four
-    head-dimension steps share each pass over a score row: every key value loaded
-    serves four rows, and every score loaded and stored takes four multiply-adds.
-    """
-    n_rows, head_dim = q_rows.shape
-    scores[:, :n] = 0.0
-    for r in range(0, n_rows, ROWS):
-        if r + ROWS > n_rows:      # the last rows of a short query tile, one at a time
-            for rr in range(r, n_rows):
-                for j in range(head_dim):
-                    for i in range(n):
-                        scores[rr, i] += q_rows[rr, j] * keys_t[j, i]
-            break
-        s0, s1, s2, s3 = scores[r], scores[r + 1], scores[r + 2], scores[r + 3]
-        for j in range(0, head_dim - 3, 4):
-            k0, k1, k2, k3 = keys_t[j], keys_t[j + 1], keys_t[j + 2], keys_t[j + 3]
-            a0, a1, a2, a3 = q_rows[r, j], q_rows[r, j + 1], q_rows[r, j + 2], q_rows[r, j + 3]
-            b0, b1, b2, b3 = q_rows[r + 1, j], q_rows[r + 1, j + 1], q_rows[r + 1, j + 2], \
-                q_rows[r + 1, j + 3]
-            c0, c1, c2, c3 = q_rows[r + 2, j], q_rows[r + 2, j + 1], q_rows[r + 2, j + 2], \
-                q_rows[r + 2, j + 3]
-            d0, d1, d2, d3 = q_rows[r + 3, j], q_rows[r + 3, j + 1], q_rows[r + 3, j + 2], \
-                q_rows[r + 3, j + 3]
-            for i in range(n):
-                x0, x1, x2, x3 = k0[i], k1[i], k2[i], k3[i]
-                s0[i] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                s1[i] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
-                s2[i] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
-                s3[i] += d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
-        for j in range(head_dim - head_dim % 4, head_dim):   # head_dim not a multiple of 4
-            for i in range(n):
-                s0[i] += q_rows[r, j] * keys_t[j, i]
-                s1[i] += q_rows[r + 1, j] * keys_t[j, i]
-                s2[i] += q_rows[r + 2, j] * keys_t[j, i]
-                s3[i] += q_rows[r + 3, j] * keys_t[j, i]
+@njit(cache=True, inline="always")
+def _block_of_16(a, r, c):
+    """a[r:r + 4, c:c + 4] as 16 scalars, row after row. Loaded into scalars before the
+    inner loop, the compiler keeps them in registers for all of it."""
+    return (a[r, c], a[r, c + 1], a[r, c + 2], a[r, c + 3],
+            a[r + 1, c], a[r + 1, c + 1], a[r + 1, c + 2], a[r + 1, c + 3],
+            a[r + 2, c], a[r + 2, c + 1], a[r + 2, c + 2], a[r + 2, c + 3],
+            a[r + 3, c], a[r + 3, c + 1], a[r + 3, c + 2], a[r + 3, c + 3])
 
 
 @njit(cache=True, fastmath=LANES_FM)
-def _tile_values(weights, values, n, acc):
-    """acc[r] += weights[r, :n] @ values[:n]: the weighted values of one key tile.
+def _add_product(a, b, k, m, out):
+    """out[:, :m] += a[:, :k] @ b[:k, :m]: the small matrix product of a tile.
 
-    The innermost loop runs along the head dimension; four rows and four keys share a
-    pass, as in `_tile_scores`.
+    Both products of a tile have this form: the scores (queries times transposed keys)
+    and the value update (weights times values). Four rows of `a` and four of its
+    columns are taken per pass: each row of `b` loaded serves four output rows, each
+    output element loaded and stored takes four multiply-adds, and the 16 values of
+    `a` stay in registers. The innermost loop runs along m contiguous columns, which
+    the compiler turns into SIMD multiply-adds.
     """
-    n_rows, head_dim = acc.shape
-    for r in range(0, n_rows, ROWS):
-        if r + ROWS > n_rows:
-            for rr in range(r, n_rows):
-                for i in range(n):
-                    for j in range(head_dim):
-                        acc[rr, j] += weights[rr, i] * values[i, j]
-            break
-        o0, o1, o2, o3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
-        for i in range(0, n - 3, 4):
-            v0, v1, v2, v3 = values[i], values[i + 1], values[i + 2], values[i + 3]
-            # the 16 weights as scalars, so the compiler keeps them in registers
-            a0, a1, a2, a3 = weights[r, i], weights[r, i + 1], weights[r, i + 2], \
-                weights[r, i + 3]
-            b0, b1, b2, b3 = weights[r + 1, i], weights[r + 1, i + 1], weights[r + 1, i + 2], \
-                weights[r + 1, i + 3]
-            c0, c1, c2, c3 = weights[r + 2, i], weights[r + 2, i + 1], weights[r + 2, i + 2], \
-                weights[r + 2, i + 3]
-            d0, d1, d2, d3 = weights[r + 3, i], weights[r + 3, i + 1], weights[r + 3, i + 2], \
-                weights[r + 3, i + 3]
-            for j in range(head_dim):
-                x0, x1, x2, x3 = v0[j], v1[j], v2[j], v3[j]
+    n_rows = out.shape[0]
+    r = 0
+    while r + ROWS <= n_rows:
+        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
+        for c in range(0, k - 3, 4):
+            b0, b1, b2, b3 = b[c], b[c + 1], b[c + 2], b[c + 3]
+            a0, a1, a2, a3, e0, e1, e2, e3, f0, f1, f2, f3, g0, g1, g2, g3 = \
+                _block_of_16(a, r, c)
+            for j in range(m):
+                x0, x1, x2, x3 = b0[j], b1[j], b2[j], b3[j]
                 o0[j] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                o1[j] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
-                o2[j] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
-                o3[j] += d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3
-        for i in range(n - n % 4, n):                      # the last keys of a short tile
-            for j in range(head_dim):
-                o0[j] += weights[r, i] * values[i, j]
-                o1[j] += weights[r + 1, i] * values[i, j]
-                o2[j] += weights[r + 2, i] * values[i, j]
-                o3[j] += weights[r + 3, i] * values[i, j]
+                o1[j] += e0 * x0 + e1 * x1 + e2 * x2 + e3 * x3
+                o2[j] += f0 * x0 + f1 * x1 + f2 * x2 + f3 * x3
+                o3[j] += g0 * x0 + g1 * x1 + g2 * x2 + g3 * x3
+        for c in range(k - k % 4, k):          # the last columns when k % 4 != 0
+            for j in range(m):
+                o0[j] += a[r, c] * b[c, j]
+                o1[j] += a[r + 1, c] * b[c, j]
+                o2[j] += a[r + 2, c] * b[c, j]
+                o3[j] += a[r + 3, c] * b[c, j]
+        r += ROWS
+    for rr in range(r, n_rows):                # the last rows, one at a time
+        for c in range(k):
+            for j in range(m):
+                out[rr, j] += a[rr, c] * b[c, j]
 
 
 @njit(cache=True)
@@ -191,14 +157,15 @@ def _causal_kernel(q, keys, values, tables, starts, q_offsets, items, scale):
             n = min(K_TILE, n_keys - key_first)
             _load_tile(keys, tables[b], kv_head, key_first, n, keys_t, True)
             _load_tile(values, tables[b], kv_head, key_first, n, value_tile, False)
-            _tile_scores(q_rows, keys_t, n, scores)
+            scores[:, :n] = 0.0
+            _add_product(q_rows, keys_t, head_dim, n, scores)
             crosses_diagonal = key_first + n > first_position + 1
             if crosses_diagonal:
                 _mask_above_diagonal(scores, n_group, first_position, key_first, n, -np.inf)
             _softmax_update(scores, n, m, l, acc, scratch)
             if crosses_diagonal:   # exp(-inf) comes out as exp(-87), not 0: make it 0
                 _mask_above_diagonal(scores, n_group, first_position, key_first, n, 0.0)
-            _tile_values(scores, value_tile, n, acc)
+            _add_product(scores, value_tile, n, head_dim, acc)
         for t in range(t_count):
             for g in range(n_group):
                 r = t * n_group + g
