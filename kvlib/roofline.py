@@ -10,8 +10,8 @@ Both roofs are *measured* here with Numba kernels:
 * bandwidth: STREAM-style read (sum), copy (b = a) and triad (a = b + s * c) kernels on
   arrays far larger than the last-level cache, counting the bytes the kernel names
   (reads + writes, as STREAM does). The roof is the best of the three.
-* peak FP32: every thread updates many independent accumulators with fused multiply-adds
-  (2 FLOPs each) that the compiler packs into SIMD registers.
+* peak FP32: every thread updates 64 independent accumulators with fused multiply-adds
+  (2 FLOPs each) that the compiler packs into SIMD registers and keeps there.
 
 `attention_traffic` gives the bytes and FLOPs of one decode-attention call, so any
 kernel's measured time places it on the plot.
@@ -29,7 +29,11 @@ from numba import njit, prange
 
 from .errors import ConfigError
 
-FMA_WIDTH = 256  # independent accumulators per thread in the peak-FLOP kernel
+# Independent accumulators per thread in the peak-FLOP kernel: eight 8-float registers,
+# enough chains to hide a 4-cycle FMA latency on two FMA pipes, few enough to stay in the
+# 16 vector registers of AVX2. With 256 they spill to memory, and every FMA then waits on
+# a load and a store: the kernel would time the first-level cache, not the FMA units.
+FMA_WIDTH = 64
 
 
 @njit(parallel=True, cache=True)
