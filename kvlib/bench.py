@@ -4,6 +4,9 @@
 Attention is timed through the cache protocol, exactly as the model calls it: a cache is
 filled with `context` tokens per sequence, one decode step is planned and written, and
 `cache.attend` is timed (median of repeats, after a warm-up call that also compiles).
+The backends of one shape take turns, round after round, with a sample of the DRAM read
+bandwidth after each round: every fraction of the roof is against the roof of the same
+run.
 Whole steps time `model.forward` and, inside it, the share spent in `cache.attend`.
 """
 
@@ -19,7 +22,8 @@ import numpy as np
 from .cache import ContiguousCache, PagedCache
 from .cache.quantized import QuantizedCache, QuantScheme
 from .errors import ConfigError
-from .roofline import Roofline, Traffic, attention_traffic, call_times
+from .roofline import (ReadProbe, Traffic, attention_traffic, last_level_cache_bytes,
+                       seconds_of)
 
 
 @dataclass(frozen=True)
@@ -91,19 +95,49 @@ def filled_cache(backend: AttentionBackend, batch: int, context: int, n_kv_heads
     return cache, seqs
 
 
-def time_call(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` calls of fn, after one untimed warm-up call."""
-    return float(np.median(call_times(fn, repeats)))
+@dataclass(frozen=True)
+class AttentionBench:
+    """Decode-attention timings and the bandwidth roof measured between them.
+
+    Attributes:
+        rows: one dict per (shape, backend): backend, batch, context, seconds (median),
+            bytes (that must be read), gb_per_s (bytes / seconds, 1e9 bytes per GB),
+            fraction_of_roof (of `roof`), gflop_per_s, intensity (FLOP/byte), and
+            beyond_llc (the bytes exceed the last-level cache, so they come from DRAM).
+        roof_samples: DRAM read bandwidth, bytes/s, one sample after every round.
+        llc_bytes: the last-level cache the rows were compared with.
+    """
+
+    rows: list
+    roof_samples: list
+    llc_bytes: int
+
+    @property
+    def roof(self) -> float:
+        """The bandwidth roof of this run: the median of its samples, bytes/s."""
+        return float(np.median(self.roof_samples))
+
+    @property
+    def roof_range(self) -> tuple[float, float]:
+        """(lowest, highest) read bandwidth sampled during the run, bytes/s."""
+        return min(self.roof_samples), max(self.roof_samples)
+
+    def fraction(self, backend: str) -> float:
+        """Median fraction of the roof of `backend` over the shapes beyond the LLC
+        (NaN if there are none)."""
+        found = [r["fraction_of_roof"] for r in self.rows
+                 if r["backend"] == backend and r["beyond_llc"]]
+        return float(np.median(found)) if found else float("nan")
 
 
-def bench_attention(backends, batches, contexts, roof: Roofline, n_heads: int = 9,
-                    n_kv_heads: int = 3, head_dim: int = 64, repeats: int = 5,
-                    progress: bool = False) -> list[dict]:
+def bench_attention(backends, batches, contexts, n_heads: int = 9, n_kv_heads: int = 3,
+                    head_dim: int = 64, repeats: int = 5, progress: bool = False,
+                    probe: ReadProbe | None = None) -> AttentionBench:
     """Time decode attention for every (backend, batch, context).
 
-    Returns one dict per row: backend, batch, context, seconds (median), gb_per_s
-    (bytes that must be read / seconds, 1e9 bytes per GB), fraction_of_roof (of the
-    measured bandwidth roof), gflop_per_s and intensity (FLOP/byte).
+    For each shape the backends' caches are filled, each is called once (warm-up,
+    compile), then `repeats` rounds time one call of each backend in turn followed by
+    one `probe.sample()` of the read bandwidth (a new `ReadProbe` if none is given).
     """
     unknown = [b for b in backends if b not in ATTENTION_BACKENDS]
     if unknown:
@@ -111,36 +145,55 @@ def bench_attention(backends, batches, contexts, roof: Roofline, n_heads: int = 
                           f"choose from {sorted(ATTENTION_BACKENDS)}")
     if min(batches) < 1 or min(contexts) < 1 or repeats < 1:
         raise ConfigError("batch sizes, contexts and repeats must be positive")
+    probe = probe or ReadProbe()
     shapes = [(b, c) for c in contexts for b in batches]
-    rows = []
     if progress:
         from tqdm.auto import tqdm
         shapes = tqdm(shapes, desc="bench attention")
-    rng = np.random.default_rng(1)
+    timed = []  # (name, batch, context, median seconds, traffic)
     for batch, context in shapes:
+        calls = {name: _decode_call(ATTENTION_BACKENDS[name], batch, context, n_heads,
+                                    n_kv_heads, head_dim) for name in backends}
+        seconds = {name: [] for name in backends}
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                seconds[name].append(seconds_of(call))
+            probe.sample()
         for name in backends:
             backend = ATTENTION_BACKENDS[name]
-            cache, seqs = filled_cache(backend, batch, context - 1, n_kv_heads, head_dim)
-            plan = cache.plan(seqs, [1] * batch)
-            k = rng.standard_normal((batch, n_kv_heads, head_dim), dtype=np.float32)
-            cache.write(0, plan, k, k)
-            q = rng.standard_normal((batch, n_heads, head_dim), dtype=np.float32)
-            seconds = time_call(lambda: cache.attend(0, plan, q), repeats)
             work = attention_traffic(batch, context, n_heads, n_kv_heads, head_dim,
                                      backend.bytes_per_value,
                                      2 * n_kv_heads * backend.meta_bytes_per_vector)
-            rows.append(row(name, batch, context, seconds, work, roof))
-            del cache
-    return rows
+            timed.append((name, batch, context, float(np.median(seconds[name])), work))
+        del calls
+    llc = last_level_cache_bytes()
+    result = AttentionBench([], list(probe.samples), llc)
+    result.rows.extend(_row(*t, result.roof, llc) for t in timed)
+    return result
 
 
-def row(backend: str, batch: int, context: int, seconds: float, work: Traffic,
-        roof: Roofline) -> dict:
-    """One benchmark row: effective bandwidth and its share of the measured roof."""
+def _decode_call(backend: AttentionBackend, batch: int, context: int, n_heads: int,
+                 n_kv_heads: int, head_dim: int, seed: int = 1) -> Callable:
+    """`cache.attend` of one decode step over `context` tokens per sequence, ready to call."""
+    rng = np.random.default_rng(seed)
+    cache, seqs = filled_cache(backend, batch, context - 1, n_kv_heads, head_dim)
+    plan = cache.plan(seqs, [1] * batch)
+    k = rng.standard_normal((batch, n_kv_heads, head_dim), dtype=np.float32)
+    cache.write(0, plan, k, k)
+    q = rng.standard_normal((batch, n_heads, head_dim), dtype=np.float32)
+    return lambda: cache.attend(0, plan, q)
+
+
+def _row(backend: str, batch: int, context: int, seconds: float, work: Traffic,
+        roof: float, llc_bytes: int) -> dict:
+    """One benchmark row: effective bandwidth and its share of the `roof` (bytes/s)."""
     bandwidth = work.bytes / seconds
     return {"backend": backend, "batch": batch, "context": context, "seconds": seconds,
-            "gb_per_s": bandwidth / 1e9, "fraction_of_roof": bandwidth / roof.memory_roof,
-            "gflop_per_s": work.flops / seconds / 1e9, "intensity": work.intensity}
+            "bytes": work.bytes, "gb_per_s": bandwidth / 1e9,
+            "fraction_of_roof": bandwidth / roof, "gflop_per_s": work.flops / seconds / 1e9,
+            "intensity": work.intensity, "beyond_llc": bool(work.bytes > llc_bytes)}
 
 
 @dataclass(frozen=True)

@@ -480,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--context", nargs="+", type=at_least(1), default=[1024, 8192],
                      dest="contexts")
     att.add_argument("--repeats", type=at_least(1), default=5)
-    att.add_argument("--array-mb", type=at_least(1), default=128,
-                     help="size of each array of the bandwidth measurement (MiB)")
+    att.add_argument("--array-mb", type=at_least(1), default=None,
+                     help="size of the array the read bandwidth is sampled on (MiB; "
+                          "default: 4 times the last-level cache, at least 128)")
     att.add_argument("--json", action="store_true", help="one JSON object per row")
     att.add_argument("--quiet", action="store_true", help="no progress on stderr")
     att.set_defaults(run=cmd_bench_attention, parser=att)
@@ -612,26 +613,27 @@ def _emit_json(rows) -> int:
 def cmd_bench_attention(args) -> int:
     from .bench import ATTENTION_BACKENDS, bench_attention
     from .model import ModelFile
-    from .roofline import measure_roofline
+    from .roofline import ReadProbe
 
     unknown = [b for b in args.backends if b not in ATTENTION_BACKENDS]
     if unknown:
         raise ConfigError(f"unknown attention backend(s) {unknown}; "
                           f"choose from {sorted(ATTENTION_BACKENDS)}")
     cfg = ModelFile().config
-    roof = measure_roofline(array_mb=args.array_mb)
-    rows = bench_attention(args.backends, args.batches, args.contexts, roof, cfg.n_heads,
-                           cfg.n_kv_heads, cfg.head_dim, args.repeats,
-                           progress=not args.quiet)
+    result = bench_attention(args.backends, args.batches, args.contexts, cfg.n_heads,
+                             cfg.n_kv_heads, cfg.head_dim, args.repeats,
+                             progress=not args.quiet, probe=ReadProbe(args.array_mb))
     if args.json:
-        return _emit_json(rows)
-    emit(f"bandwidth roof {roof.memory_roof / 1e9:.1f} GB/s "
-         f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in roof.bandwidth.items())}); "
-         f"peak FP32 {roof.peak_flops / 1e9:.0f} GFLOP/s; {roof.machine}")
+        return _emit_json({**r, "roof_gb_per_s": result.roof / 1e9} for r in result.rows)
+    low, high = result.roof_range
+    emit(f"read bandwidth roof {result.roof / 1e9:.1f} GB/s: median of "
+         f"{len(result.roof_samples)} samples between the timings "
+         f"(lowest {low / 1e9:.1f}, highest {high / 1e9:.1f})")
     emit(f"{'backend':<12}{'batch':>6}{'context':>9}{'ms':>10}{'GB/s':>8}{'of roof':>9}")
-    for r in rows:
+    for r in result.rows:
+        cached = "" if r["beyond_llc"] else "  (fits in the last-level cache)"
         emit(f"{r['backend']:<12}{r['batch']:>6}{r['context']:>9}{r['seconds'] * 1e3:>10.3f}"
-             f"{r['gb_per_s']:>8.1f}{r['fraction_of_roof']:>9.0%}")
+             f"{r['gb_per_s']:>8.1f}{r['fraction_of_roof']:>9.0%}{cached}")
     return 0
 
 

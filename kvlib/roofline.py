@@ -9,7 +9,12 @@ Both roofs are *measured* here with Numba kernels:
 
 * bandwidth: STREAM-style read (sum), copy (b = a) and triad (a = b + s * c) kernels on
   arrays far larger than the last-level cache, counting the bytes the kernel names
-  (reads + writes, as STREAM does). The roof is the best of the three.
+  (reads + writes, as STREAM does). The three run in turn, several rounds, and each
+  figure is the median of its rounds, reported with the lowest and highest: a shared or
+  throttled machine moves between rounds by tens of percent. The roof is the best of the
+  three medians.
+* `ReadProbe` samples the read bandwidth *between* other timings, so a benchmark can
+  state its kernels' fraction of the roof measured in the same minutes.
 * peak FP32: every thread updates 64 independent accumulators with fused multiply-adds
   (2 FLOPs each) that the compiler packs into SIMD registers and keeps there.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import platform
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numba
@@ -102,17 +108,45 @@ def fma_peak(n_threads, n_iter):
 def call_times(fn, repeats: int) -> list[float]:
     """Seconds of each of `repeats` calls of fn, after one untimed call (compile, warm-up)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+    return [seconds_of(fn) for _ in range(repeats)]
+
+
+def seconds_of(fn) -> float:
+    """Seconds of one call of fn (no warm-up: for rounds that interleave kernels)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _best_time(fn, repeats: int) -> float:
-    """Fastest of `repeats` timed calls: the machine's best, for its roofs."""
+    """Fastest of `repeats` timed calls: the machine's best, for its compute roofs."""
     return min(call_times(fn, repeats))
+
+
+def last_level_cache_bytes(cpu_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """Size in bytes of the largest data cache of CPU 0, read from Linux's sysfs
+    (`index*/level`, `type` and `size`); 32 MiB, a large server's L3, where sysfs is absent."""
+    sizes = {}
+    for index in cpu_dir.glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes[level] = int(size.rstrip("KMG")) * units.get(size[-1], 1)
+    return sizes[max(sizes)] if sizes else 32 * 2**20
+
+
+def _big_array_mb(array_mb: int | None) -> int:
+    """`array_mb`, or by default 4 times the last-level cache and at least 128 MiB."""
+    if array_mb is None:
+        return max(128, 4 * last_level_cache_bytes() // 2**20)
+    if array_mb < 1:
+        raise ConfigError(f"array_mb must be positive, got {array_mb}")
+    return array_mb
 
 
 @dataclass(frozen=True)
@@ -120,16 +154,18 @@ class Roofline:
     """A machine's two roofs.
 
     Attributes:
-        bandwidth: bytes/s per STREAM kernel ("read", "copy", "triad").
-        peak_flops: FP32 FLOP/s of the FMA kernel.
+        bandwidth: bytes/s per STREAM kernel ("read", "copy", "triad"), median of rounds.
+        peak_flops: FP32 FLOP/s of the FMA kernel (its fastest run).
         threads: Numba threads used.
         machine: a short description (processor, cores).
+        bandwidth_range: (lowest, highest) bytes/s of each STREAM kernel over the rounds.
     """
 
     bandwidth: dict
     peak_flops: float
     threads: int
     machine: str
+    bandwidth_range: dict | None = None
 
     @property
     def memory_roof(self) -> float:
@@ -146,27 +182,36 @@ class Roofline:
         return np.minimum(self.peak_flops, self.memory_roof * np.asarray(intensity))
 
 
-def measure_roofline(array_mb: int = 128, repeats: int = 5, fma_seconds: float = 0.1) -> Roofline:
+def measure_roofline(array_mb: int | None = None, repeats: int = 5,
+                     fma_seconds: float = 0.1) -> Roofline:
     """Measure bandwidth (read, copy, triad on `array_mb` MiB float32 arrays) and peak FP32.
 
-    Three arrays are allocated (3 * array_mb MiB). Pick `array_mb` several times the
-    last-level cache so that every byte comes from DRAM. Each figure is the best of
-    `repeats` runs after a warm-up; the FMA kernel runs for at least `fma_seconds` per call.
+    Three arrays are allocated (3 * array_mb MiB); by default each is 4 times the
+    last-level cache and at least 128 MiB, so that every byte comes from DRAM. The three
+    bandwidth kernels take turns for `repeats` rounds after a warm-up; each figure is the
+    median of its rounds. The FMA kernel runs for at least `fma_seconds` per call, and
+    its fastest of `repeats` runs is the peak.
     """
-    if array_mb < 1 or repeats < 1:
-        raise ConfigError(f"array_mb and repeats must be positive, got {array_mb}, {repeats}")
+    array_mb = _big_array_mb(array_mb)
+    if repeats < 1:
+        raise ConfigError(f"repeats must be positive, got {repeats}")
     n = array_mb * 2**20 // 4
     threads = numba.get_num_threads()
     a, b, c = (np.empty(n, dtype=np.float32) for _ in range(3))
     for x, value in ((a, 1.0), (b, 2.0), (c, 0.5)):
         _fill(x, np.float32(value))
     chunks = 16 * threads
-    bandwidth = {
-        "read": a.nbytes / _best_time(lambda: stream_read(a, chunks), repeats),
-        "copy": 2 * a.nbytes / _best_time(lambda: stream_copy(b, a), repeats),
-        "triad": 3 * a.nbytes / _best_time(lambda: stream_triad(a, b, c, np.float32(3.0)),
-                                           repeats),
+    kernels = {  # name -> (call, bytes it moves)
+        "read": (lambda: stream_read(a, chunks), a.nbytes),
+        "copy": (lambda: stream_copy(b, a), 2 * a.nbytes),
+        "triad": (lambda: stream_triad(a, b, c, np.float32(3.0)), 3 * a.nbytes),
     }
+    rates = {name: [] for name in kernels}
+    for name, (call, _) in kernels.items():
+        call()  # compile, warm up
+    for _ in range(repeats):
+        for name, (call, n_bytes) in kernels.items():
+            rates[name].append(n_bytes / seconds_of(call))
     del a, b, c
     fma_peak(threads, 10)  # compile / warm up
     n_iter = 1000
@@ -175,7 +220,39 @@ def measure_roofline(array_mb: int = 128, repeats: int = 5, fma_seconds: float =
     seconds = _best_time(lambda: fma_peak(threads, n_iter), repeats)
     peak = 2 * threads * n_iter * FMA_WIDTH / seconds
     machine = f"{platform.processor() or platform.machine()}, {threads} threads"
-    return Roofline(bandwidth, peak, threads, machine)
+    return Roofline({k: float(np.median(v)) for k, v in rates.items()}, peak, threads,
+                    machine, {k: (min(v), max(v)) for k, v in rates.items()})
+
+
+class ReadProbe:
+    """The read bandwidth of DRAM, sampled between the timings of other kernels.
+
+    Each `sample()` sums a float32 array of `array_mb` MiB (by default 4 times the
+    last-level cache, at least 128 MiB) with `stream_read` and records bytes/s. A
+    benchmark that calls it after every round of its own timings gets a roof measured in
+    the same minutes as its kernels, and the spread of that roof.
+    """
+
+    def __init__(self, array_mb: int | None = None) -> None:
+        n = _big_array_mb(array_mb) * 2**20 // 4
+        self.array = np.empty(n, dtype=np.float32)
+        _fill(self.array, np.float32(1.0))
+        self.chunks = 16 * numba.get_num_threads()
+        stream_read(self.array, self.chunks)  # compile, warm up
+        self.samples: list[float] = []
+
+    def sample(self) -> float:
+        """Time one pass over the array; returns (and records) its bytes/s."""
+        rate = self.array.nbytes / seconds_of(lambda: stream_read(self.array, self.chunks))
+        self.samples.append(rate)
+        return rate
+
+    @property
+    def median(self) -> float:
+        """Median bytes/s of the samples so far (one is taken if there are none)."""
+        if not self.samples:
+            self.sample()
+        return float(np.median(self.samples))
 
 
 def measure_matmul_roof(rows: int = 2048, inner: int = 576, cols: int = 1536,

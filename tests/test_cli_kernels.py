@@ -18,7 +18,10 @@ def test_bench_attention_json_rows():
         assert r["context"] == 64 and r["seconds"] > 0 and r["gb_per_s"] > 0
         assert r["fraction_of_roof"] > 0
         assert {"backend", "batch", "context", "seconds", "gb_per_s",
-                "fraction_of_roof"} <= set(r)
+                "fraction_of_roof", "beyond_llc"} <= set(r)
+        assert r["gb_per_s"] / r["roof_gb_per_s"] == \
+            pytest.approx(r["fraction_of_roof"], rel=1e-12)
+    assert len({r["roof_gb_per_s"] for r in rows}) == 1     # one roof for the whole run
 
 
 def test_bench_attention_unknown_backend_is_a_clear_error():

@@ -59,7 +59,7 @@ def run_notebook(path: Path) -> tuple[bool, float, str, dict[str, str]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebooks", nargs="*", type=Path,
+    parser.add_argument("notebooks", nargs="*", type=lambda p: Path(p).resolve(),
                         help="default: chapters/*.ipynb and exercises/*.ipynb")
     parser.add_argument("--modes", nargs="+", default=["quiet", "quiet", "busy", "haswell"],
                         choices=sorted(MODES))
