@@ -8,7 +8,8 @@
   disconnected.
 - Author-year bibliography labels: the `{bibliography}` lists each work as
   "[Kwon et al., 2023]", matching the author-year citations in the text
-  (`bibtex_default_style: author_year_unsrt`).
+  (`bibtex_default_style: author_year_unsrt`); works by the same authors in the same
+  year carry a letter in their year field, in both places.
 """
 
 from __future__ import annotations
@@ -49,21 +50,21 @@ def _plain(latex: str) -> str:
 
 class AuthorYearLabels(BaseLabelStyle):
     """Labels "Dao, 2023", "Dao and Fu, 2022", "Kwon et al., 2023": the text's citations.
-    Works that would share a label get letters in bibliography order ("NVIDIA, 2023a")."""
+
+    The text's citations print the `year` field as it is, so works that would share a
+    label carry their letter there (`year = {2023a}`); a build with two equal labels
+    stops and names them, rather than letter the bibliography alone.
+    """
 
     def format_labels(self, sorted_entries):
         entries = list(sorted_entries)
         labels = [self._label(entry) for entry in entries]
-        seen = {}
-        for label in labels:
-            seen[label] = seen.get(label, 0) + 1
-        letter = {}
-        for label in labels:
-            if seen[label] > 1:
-                letter[label] = letter.get(label, -1) + 1
-                yield f"{label}{chr(ord('a') + letter[label])}"
-            else:
-                yield label
+        shared = {label for label in labels if labels.count(label) > 1}
+        if shared:
+            keys = sorted(e.key for e, label in zip(entries, labels) if label in shared)
+            raise ValueError(f"bibliography entries {keys} share the labels {sorted(shared)}: "
+                             "add a letter to their year fields (2023a, 2023b)")
+        yield from labels
 
     @staticmethod
     def _label(entry) -> str:
