@@ -38,8 +38,8 @@ def glued_numbers(nb) -> dict[str, str]:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             name = out.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name and "text/plain" in out.get("data", {}):
-                found[name] = out["data"]["text/plain"]
+            if name and GLUE_MIME in out.get("data", {}):
+                found[name] = out["data"][GLUE_MIME]
     return found
 
 
