@@ -38,8 +38,10 @@ def glued_numbers(nb) -> dict[str, str]:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             name = out.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name and GLUE_MIME in out.get("data", {}):
-                found[name] = out["data"][GLUE_MIME]
+            data = out.get("data", {})
+            text = data.get(GLUE_MIME, data.get("text/plain"))  # glued hidden / shown
+            if name and text is not None:
+                found[name] = text
     return found
 
 
