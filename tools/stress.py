@@ -4,7 +4,10 @@
 
 Modes:
   quiet    the notebooks as `make test` runs them (run it twice: a claim must hold twice);
-  busy     beside a busy process at `nice -n 10` that keeps one core spinning all along;
+  busy     beside a busy process at low priority that keeps one core spinning all along:
+           `nice -n 10`, in a session of its own whose autogroup is niced to 10 too
+           (with Linux's autogroups a plain `nice` only ranks processes of one session,
+           so a niced process in another terminal would get a full half of the CPU);
   haswell  with OPENBLAS_CORETYPE=Haswell: other BLAS kernels, other float32 rounding.
 
 For every mode and notebook it records whether every cell ran (asserts included), the
@@ -30,6 +33,21 @@ from nbclient.exceptions import CellExecutionError
 ROOT = Path(__file__).resolve().parent.parent
 GLUE_MIME = "application/papermill.record/text/plain"
 MODES = {"quiet": {}, "busy": {}, "haswell": {"OPENBLAS_CORETYPE": "Haswell"}}
+BUSY_LOOP = """
+try:  # lower this session's autogroup, where the kernel has autogroups
+    with open("/proc/self/autogroup", "w") as f:
+        f.write("10")
+except OSError:
+    pass
+while True:
+    pass
+"""
+
+
+def start_busy_process() -> subprocess.Popen:
+    """One core spinning at low priority, in a session (and autogroup) of its own."""
+    return subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", BUSY_LOOP],
+                            start_new_session=True)
 
 
 def glued_numbers(nb) -> dict[str, str]:
@@ -76,8 +94,7 @@ def main(argv=None) -> int:
         os.environ.update(MODES[mode])
         busy = None
         if mode == "busy":
-            busy = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c",
-                                     "while True: pass"])
+            busy = start_busy_process()
         try:
             for path in notebooks:
                 passed, seconds, error, values = run_notebook(path)
