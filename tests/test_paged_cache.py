@@ -42,7 +42,7 @@ def gathered_keys(cache, seq, layer=0):
 def snapshot(cache):
     p = cache.pool
     return (cache.keys.copy(), cache.values.copy(), cache.block_tables.copy(),
-            cache.table_lengths.copy(), cache.lengths.copy(), cache.row_in_use.copy(),
+            cache.table_lengths.copy(), cache.lengths.copy(), cache.in_use.copy(),
             p.refcounts.copy(), p.free_stack.copy(), np.array(p.n_free), p.has_key.copy(),
             np.array(cache.sequences()))
 
@@ -224,7 +224,7 @@ def test_crop_drops_blocks_and_never_rewrites_a_cached_block(rng):
     cached_block = int(cache.block_table(s)[1])
     content = cache.keys[:, cached_block].copy()
     cache.crop(s, 6)
-    assert cache.table_lengths[cache._row_of[s]] == 2 and cache.length(s) == 6
+    assert cache.table_lengths[s] == 2 and cache.length(s) == 6
     with pytest.raises(LengthError):
         cache.crop(s, 7)
     step(cache, [s], [2], rng)                     # writes into keyed block 1: copy first
@@ -267,7 +267,7 @@ def test_nbytes_equals_the_formula_and_every_array():
     kv_bytes = 2 * L * 10 * HKV * 7 * D * 4
     assert cache.nbytes == paged_cache_nbytes(L, HKV, D, 10, 7, 3, 50)
     arrays = [cache.keys, cache.values, cache.block_tables, cache.table_lengths, cache.lengths,
-              cache.row_in_use, cache.pool.refcounts, cache.pool.free_stack, cache.pool.keys,
+              cache.in_use, cache.pool.refcounts, cache.pool.free_stack, cache.pool.keys,
               cache.pool.has_key, cache.pool.last_used]
     assert cache.nbytes == sum(a.nbytes for a in arrays)
     assert cache.nbytes == kv_bytes + 10 * (4 + 4 + 16 + 1 + 8) + 3 * (8 * 4 + 4 + 8 + 1)

@@ -36,7 +36,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
     def make_cache(self, block_size):
         self.cache = PagedCache(1, 1, 2, NUM_BLOCKS, block_size, max_seqs=6, max_seq_len=40)
         self.tokens = {}        # what each live sequence must read back
-        self.freed = set()
+        self.freed = set()      # ids freed and not handed out again (ids are rows, reused)
 
     # --- helpers ---------------------------------------------------------------------
     def _append(self, seq, new_tokens):
@@ -64,6 +64,8 @@ class PagedCacheMachine(RuleBasedStateMachine):
     @rule(target=sequences, prompt=TOKENS)
     def start(self, prompt):
         seq, n_cached = self.cache.start_sequence(prompt)
+        assert seq not in self.tokens                     # the lowest free row
+        self.freed.discard(seq)
         assert n_cached % self.cache.block_size == 0 and n_cached < len(prompt)
         self.tokens[seq] = prompt[:n_cached]
         if not self._append(seq, prompt[n_cached:]):
@@ -83,6 +85,8 @@ class PagedCacheMachine(RuleBasedStateMachine):
         if seq not in self.tokens:
             return seq
         child = self.cache.fork(seq)
+        assert child not in self.tokens
+        self.freed.discard(child)
         self.tokens[child] = list(self.tokens[seq])
         return child
 

@@ -33,8 +33,7 @@ import numpy as np
 
 from ..attention import attention
 from ..errors import (CapacityError, ConfigError, DTypeError, DuplicateSequenceError,
-                      KVLibError, LayerIndexError, LengthError, ShapeError,
-                      UnknownSequenceError)
+                      KVLibError, LayerIndexError, LengthError, ShapeError)
 from ..masks import causal_mask
 
 BACKENDS = ("numpy", "numba", "cuda")  # how a cache computes attention; see `set_backend`
@@ -318,9 +317,9 @@ class KVCache(ABC):
         """Add the step's tokens to the sequences' lengths."""
 
     # --- checks shared by every cache ----------------------------------------------
+    @abstractmethod
     def _check_known(self, seq_id: int) -> None:
-        if seq_id not in self.sequences():
-            raise UnknownSequenceError(f"sequence {seq_id} is not in this cache")
+        """Raise `UnknownSequenceError` unless `seq_id` names a live sequence."""
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CapacityError, ConfigError, DoubleFreeError, LengthError, OutOfBlocksError
-from ..errors import UnknownSequenceError
-from .base import KVCache, StepPlan, attention_kernel
+from ..errors import CapacityError, ConfigError, LengthError, OutOfBlocksError
+from .base import StepPlan, attention_kernel
 from .block_pool import BlockPool, block_pool_nbytes, prefix_keys
+from .rows import SequenceRows
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
@@ -64,7 +64,7 @@ class PagedStepPlan(StepPlan):
     tables: np.ndarray | None = None
 
 
-class PagedCache(KVCache):
+class PagedCache(SequenceRows):
     """KV cache in `num_blocks` blocks of `block_size` tokens, shared by all sequences.
 
     Args:
@@ -80,6 +80,8 @@ class PagedCache(KVCache):
         block_tables: [max_seqs, ceil(max_seq_len / block_size)] int32, -1 = no block.
         table_lengths: [max_seqs] int32 blocks in each row's table.
         lengths: [max_seqs] int64 tokens stored per row.
+        in_use: [max_seqs] bool, rows holding a live sequence (a sequence's id is its
+            row: `SequenceRows`).
         pool: the `BlockPool` (free list, reference counts, prefix index).
         prefix_hit_tokens, prefix_query_tokens: prompt tokens found in the prefix cache
             and prompt tokens looked up, since construction.
@@ -109,10 +111,9 @@ class PagedCache(KVCache):
                                     dtype=np.int32)
         self.table_lengths = np.zeros(max_seqs, dtype=np.int32)
         self.lengths = np.zeros(max_seqs, dtype=np.int64)
-        self.row_in_use = np.zeros(max_seqs, dtype=bool)
-        self._row_of: dict[int, int] = {}           # sequence id -> row of the arrays
-        self._next_id = 0                           # ids are never reused
-        self._prefix_keys: dict[int, list[bytes]] = {}  # keys of each sequence's known full blocks
+        self._init_sequence_rows(max_seqs)
+        self._prefix_keys: list[list[bytes]] = [[] for _ in range(max_seqs)]  # per row:
+        # the keys of its sequence's known full blocks
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
 
@@ -124,14 +125,11 @@ class PagedCache(KVCache):
                    block_size, max_seqs, max_seq_len or config.max_position, dtype)
 
     # --- sequences -----------------------------------------------------------------
-    def new_sequence(self) -> int:
-        row = self._free_row()
-        seq = self._next_id
-        self._next_id += 1
-        self._row_of[seq] = row
-        self.row_in_use[row] = True
-        self._prefix_keys[seq] = []
-        return seq
+    def _clear_row(self, row: int) -> None:
+        """Release the row's blocks and forget its length and prefix keys."""
+        self._drop_blocks(row, keep=0)
+        self.lengths[row] = 0
+        self._prefix_keys[row] = []
 
     def start_sequence(self, prompt_ids) -> tuple[int, int]:
         """Start a sequence for `prompt_ids`, reusing its longest cached prefix.
@@ -156,69 +154,46 @@ class PagedCache(KVCache):
                 break
             hits.append(block)
         seq = self.new_sequence()
-        row = self._row_of[seq]
         for i, block in enumerate(hits):
             self.pool.retain(block)
-            self.block_tables[row, i] = block
-        self.table_lengths[row] = len(hits)
-        self.lengths[row] = len(hits) * self.block_size
+            self.block_tables[seq, i] = block
+        self.table_lengths[seq] = len(hits)
+        self.lengths[seq] = len(hits) * self.block_size
         self._prefix_keys[seq] = keys
         self.prefix_query_tokens += len(prompt_ids)
-        self.prefix_hit_tokens += int(self.lengths[row])
-        return seq, int(self.lengths[row])
+        self.prefix_hit_tokens += int(self.lengths[seq])
+        return seq, int(self.lengths[seq])
 
     def fork(self, seq_id: int) -> int:
         """A new sequence sharing every block (and token) of `seq_id`; copy-on-write later."""
         self._check_known(seq_id)
-        self._free_row()
-        parent = self._row_of[seq_id]
-        child_id = self.new_sequence()
-        child = self._row_of[child_id]
-        n = self.table_lengths[parent]
-        for block in self.block_tables[parent, :n]:
+        child = self.new_sequence()
+        n = self.table_lengths[seq_id]
+        for block in self.block_tables[seq_id, :n]:
             self.pool.retain(int(block))
-        self.block_tables[child] = self.block_tables[parent]
+        self.block_tables[child] = self.block_tables[seq_id]
         self.table_lengths[child] = n
-        self.lengths[child] = self.lengths[parent]
-        self._prefix_keys[child_id] = list(self._prefix_keys[seq_id])
-        return child_id
-
-    def free(self, seq_id: int) -> None:
-        if seq_id not in self._row_of and 0 <= seq_id < self._next_id:
-            raise DoubleFreeError(f"sequence {seq_id} was already freed")
-        self._check_known(seq_id)
-        self._drop_blocks(seq_id, keep=0)
-        row = self._row_of.pop(seq_id)
-        self.row_in_use[row] = False
-        self.lengths[row] = 0
-        del self._prefix_keys[seq_id]
+        self.lengths[child] = self.lengths[seq_id]
+        self._prefix_keys[child] = list(self._prefix_keys[seq_id])
+        return child
 
     def length(self, seq_id: int) -> int:
         self._check_known(seq_id)
-        return int(self.lengths[self._row_of[seq_id]])
+        return int(self.lengths[seq_id])
 
     def capacity(self, seq_id: int) -> int:
         self._check_known(seq_id)
         return self.max_seq_len
 
-    def sequences(self) -> list[int]:
-        return sorted(self._row_of)
-
     def crop(self, seq_id: int, length: int) -> None:
         self._check_known(seq_id)
-        row = self._row_of[seq_id]
-        if not 0 <= length <= self.lengths[row]:
+        if not 0 <= length <= self.lengths[seq_id]:
             raise LengthError(f"cannot crop sequence {seq_id} of length "
-                              f"{self.lengths[row]} to {length}")
+                              f"{self.lengths[seq_id]} to {length}")
         self._drop_blocks(seq_id, keep=blocks_for(length, self.block_size))
-        self.lengths[row] = length
+        self.lengths[seq_id] = length
         # tokens written after a crop may differ from the prompt: forget its later keys
         del self._prefix_keys[seq_id][length // self.block_size:]
-
-    def reset(self) -> None:
-        """Free every sequence. The prefix cache survives (see `clear_prefix_cache`)."""
-        for seq in self.sequences():
-            self.free(seq)
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix; unreferenced cached blocks become free."""
@@ -228,11 +203,7 @@ class PagedCache(KVCache):
     def nbytes(self) -> int:
         return (self.keys.nbytes + self.values.nbytes + self.pool.nbytes
                 + self.block_tables.nbytes + self.table_lengths.nbytes
-                + self.lengths.nbytes + self.row_in_use.nbytes)
-
-    @property
-    def max_sequences(self) -> int:
-        return self.max_seqs
+                + self.lengths.nbytes + self.in_use.nbytes)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -243,14 +214,13 @@ class PagedCache(KVCache):
     def block_table(self, seq_id: int) -> np.ndarray:
         """[n_blocks] int32 physical blocks of a sequence, in token order."""
         self._check_known(seq_id)
-        row = self._row_of[seq_id]
-        return self.block_tables[row, :self.table_lengths[row]].copy()
+        return self.block_tables[seq_id, :self.table_lengths[seq_id]].copy()
 
     def block_table_array(self, seq_ids) -> np.ndarray:
         """[B, max blocks among them] int32 block tables, padded with -1."""
         for s in seq_ids:
             self._check_known(s)
-        rows = [self._row_of[s] for s in seq_ids]
+        rows = list(seq_ids)
         width = max([int(self.table_lengths[r]) for r in rows] + [1])
         return self.block_tables[rows, :width].copy()
 
@@ -262,7 +232,7 @@ class PagedCache(KVCache):
         """Slots (block * block_size + offset) of token `positions` of a sequence."""
         self._check_known(seq_id)
         positions = np.asarray(positions, dtype=np.int64)
-        table = self.block_tables[self._row_of[seq_id]]
+        table = self.block_tables[seq_id]
         return table[positions // self.block_size].astype(np.int64) * self.block_size \
             + positions % self.block_size
 
@@ -283,8 +253,7 @@ class PagedCache(KVCache):
     def reserve(self, plan: PagedStepPlan) -> PagedStepPlan:
         """Take the blocks a checked plan counted, copy shared blocks it writes into, and
         return the plan with its slots and block tables."""
-        for s, n_new, to_copy in zip(plan.seq_ids, plan.new_blocks, plan.copies):
-            row = self._row_of[s]
+        for row, n_new, to_copy in zip(plan.seq_ids, plan.new_blocks, plan.copies):
             for i in to_copy:  # copy-on-write
                 old = int(self.block_tables[row, i])
                 fresh = int(self.pool.allocate(1)[0])
@@ -315,8 +284,7 @@ class PagedCache(KVCache):
         """
         new, copies = [], []
         released: dict[int, int] = {}
-        for s, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
-            row = self._row_of[s]
+        for row, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
             have = int(self.table_lengths[row])
             end_block = blocks_for(int(start + count), self.block_size)
             new.append(max(end_block - have, 0))
@@ -340,7 +308,7 @@ class PagedCache(KVCache):
     def _sequence_kv(self, layer: int, plan: StepPlan, i: int):
         """Gather the blocks the sequence's table names (only those)."""
         end = int(plan.starts[i] + plan.counts[i])
-        table = self.block_tables[self._row_of[plan.seq_ids[i]], :blocks_for(end, self.block_size)]
+        table = self.block_tables[plan.seq_ids[i], :blocks_for(end, self.block_size)]
         return tuple(self._gather(store[layer], table, end) for store in (self.keys, self.values))
 
     def _check_kernel(self, backend: str) -> None:
@@ -361,32 +329,20 @@ class PagedCache(KVCache):
 
     def commit(self, plan: StepPlan) -> None:
         """Advance lengths; key the blocks of known prompts that this step filled."""
-        for s, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
-            row = self._row_of[s]
+        for row, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
             self.lengths[row] += count
-            keys = self._prefix_keys[s]
+            keys = self._prefix_keys[row]
             full = min(int(self.lengths[row]) // self.block_size, len(keys))
             for i in range(int(start) // self.block_size, full):
                 self.pool.register(int(self.block_tables[row, i]), keys[i])
 
     # --- internals -----------------------------------------------------------------
-    def _check_known(self, seq_id: int) -> None:
-        if seq_id not in self._row_of:
-            raise UnknownSequenceError(f"sequence {seq_id} is not in this cache")
-
-    def _free_row(self) -> int:
-        free_rows = np.flatnonzero(~self.row_in_use)
-        if len(free_rows) == 0:
-            raise CapacityError(f"all {self.max_seqs} sequence rows are in use")
-        return int(free_rows[0])
-
-    def _drop_blocks(self, seq_id: int, keep: int) -> None:
+    def _drop_blocks(self, row: int, keep: int) -> None:
         """Release the blocks of a table past its first `keep`, last block first.
 
         Releasing from the end stamps a sequence's deepest blocks as least recently
         used, so eviction takes the tail of a cached prefix before its head.
         """
-        row = self._row_of[seq_id]
         for i in range(int(self.table_lengths[row]) - 1, keep - 1, -1):
             self.pool.release(int(self.block_tables[row, i]))
             self.block_tables[row, i] = -1

@@ -206,9 +206,9 @@ class QuantizedCache(RowCache):
         return cls(config.n_layers, config.n_kv_heads, config.head_dim, max_batch, max_seq, scheme)
 
     # --- sequences (rows: `RowCache`) ----------------------------------------------
-    def _clear_rows(self, rows) -> None:
-        super()._clear_rows(rows)
-        self.n_quantized[rows] = 0
+    def _clear_row(self, row: int) -> None:
+        super()._clear_row(row)
+        self.n_quantized[row] = 0
 
     def crop(self, seq_id: int, length: int) -> None:
         """Keep the first `length` tokens. Cropping into the quantized prefix moves the

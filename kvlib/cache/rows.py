@@ -1,54 +1,89 @@
-"""Sequences of a reserve-max cache: one row of the batch axis each.
+"""Sequence ids and rows: one allocator for every cache.
 
-The contiguous and quantized caches reserve `max_seq` tokens for each of `max_batch`
-rows. A sequence's id is its row (the decode kernels index storage by it), so a freed
-id comes back with the next `new_sequence`. The rule for ids is the paged cache's:
-an id the cache never handed out is an `UnknownSequenceError`, freeing one that is no
-longer live a `DoubleFreeError`.
+Every cache keeps its per-sequence state in arrays with one row per sequence it can
+hold at once: a reserve-max cache its keys and values, the paged cache its block tables
+and lengths. A sequence's id *is* its row, the lowest free one, the way POSIX hands out
+file descriptors: kernels index rows by id with no lookup, and a freed id comes back
+with the next `new_sequence`. One rule for bad ids in every cache: an id that names no
+live sequence is an `UnknownSequenceError`, and freeing a row that holds none is a
+`DoubleFreeError`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import CapacityError, DoubleFreeError, LengthError
+from ..errors import CapacityError, DoubleFreeError, LengthError, UnknownSequenceError
 from .base import KVCache
 
 
-class RowCache(KVCache):
-    """Row bookkeeping of a reserve-max cache.
+class SequenceRows(KVCache):
+    """Row allocation shared by every cache.
+
+    Attributes:
+        in_use: [max_sequences] bool, rows holding a live sequence.
+    """
+
+    def _init_sequence_rows(self, n_rows: int) -> None:
+        self.in_use = np.zeros(n_rows, dtype=bool)
+
+    def _clear_row(self, row: int) -> None:
+        """Forget what `row` held; each cache extends it for its per-row state."""
+
+    def _free_row(self) -> int:
+        """The lowest row without a sequence; `CapacityError` if every row has one."""
+        free_rows = np.flatnonzero(~self.in_use)
+        if len(free_rows) == 0:
+            raise CapacityError(f"all {len(self.in_use)} sequence rows of the cache are "
+                                f"in use")
+        return int(free_rows[0])
+
+    def new_sequence(self) -> int:
+        row = self._free_row()
+        self.in_use[row] = True
+        self._clear_row(row)
+        return row
+
+    def free(self, seq_id: int) -> None:
+        if 0 <= seq_id < len(self.in_use) and not self.in_use[seq_id]:
+            raise DoubleFreeError(f"sequence {seq_id} was already freed")
+        self._check_known(seq_id)
+        self._clear_row(seq_id)
+        self.in_use[seq_id] = False
+
+    def sequences(self) -> list[int]:
+        return [int(r) for r in np.flatnonzero(self.in_use)]
+
+    def reset(self) -> None:
+        """Free every sequence."""
+        for seq in self.sequences():
+            self.free(seq)
+
+    @property
+    def max_sequences(self) -> int:
+        return len(self.in_use)
+
+    def _check_known(self, seq_id: int) -> None:
+        if not (0 <= seq_id < len(self.in_use) and self.in_use[seq_id]):
+            raise UnknownSequenceError(f"sequence {seq_id} is not in this cache")
+
+
+class RowCache(SequenceRows):
+    """Bookkeeping of a reserve-max cache: `max_seq` tokens reserved for each row.
 
     Attributes:
         max_batch, max_seq: rows, and tokens reserved per row.
         lengths: [max_batch] int64 tokens stored per row.
-        in_use: [max_batch] bool, rows holding a live sequence.
     """
 
     def _init_rows(self, max_batch: int, max_seq: int) -> None:
         self.max_batch = max_batch
         self.max_seq = max_seq
         self.lengths = np.zeros(max_batch, dtype=np.int64)
-        self.in_use = np.zeros(max_batch, dtype=bool)
+        self._init_sequence_rows(max_batch)
 
-    def _clear_rows(self, rows) -> None:
-        """Forget what `rows` (an index or a slice) held; extend for more per-row state."""
-        self.lengths[rows] = 0
-
-    def new_sequence(self) -> int:
-        free_rows = np.flatnonzero(~self.in_use)
-        if len(free_rows) == 0:
-            raise CapacityError(f"all {self.max_batch} rows of the cache hold a sequence")
-        row = int(free_rows[0])
-        self.in_use[row] = True
-        self._clear_rows(row)
-        return row
-
-    def free(self, seq_id: int) -> None:
-        if 0 <= seq_id < self.max_batch and not self.in_use[seq_id]:
-            raise DoubleFreeError(f"sequence {seq_id} was already freed")
-        self._check_known(seq_id)
-        self.in_use[seq_id] = False
-        self._clear_rows(seq_id)
+    def _clear_row(self, row: int) -> None:
+        self.lengths[row] = 0
 
     def length(self, seq_id: int) -> int:
         self._check_known(seq_id)
@@ -57,17 +92,6 @@ class RowCache(KVCache):
     def capacity(self, seq_id: int) -> int:
         self._check_known(seq_id)
         return self.max_seq
-
-    def sequences(self) -> list[int]:
-        return [int(r) for r in np.flatnonzero(self.in_use)]
-
-    def reset(self) -> None:
-        self.in_use[:] = False
-        self._clear_rows(slice(None))
-
-    @property
-    def max_sequences(self) -> int:
-        return self.max_batch
 
     def _check_crop(self, seq_id: int, length: int) -> None:
         self._check_known(seq_id)
