@@ -110,7 +110,6 @@ class PagedCache(SequenceRows):
         self.block_tables = np.full((max_seqs, blocks_for(max_seq_len, block_size)), -1,
                                     dtype=np.int32)
         self.table_lengths = np.zeros(max_seqs, dtype=np.int32)
-        self.lengths = np.zeros(max_seqs, dtype=np.int64)
         self._init_sequence_rows(max_seqs)
         self._prefix_keys: list[list[bytes]] = [[] for _ in range(max_seqs)]  # per row:
         # the keys of its sequence's known full blocks
@@ -127,8 +126,8 @@ class PagedCache(SequenceRows):
     # --- sequences -----------------------------------------------------------------
     def _clear_row(self, row: int) -> None:
         """Release the row's blocks and forget its length and prefix keys."""
+        super()._clear_row(row)
         self._drop_blocks(row, keep=0)
-        self.lengths[row] = 0
         self._prefix_keys[row] = []
 
     def start_sequence(self, prompt_ids) -> tuple[int, int]:
@@ -177,19 +176,12 @@ class PagedCache(SequenceRows):
         self._prefix_keys[child] = list(self._prefix_keys[seq_id])
         return child
 
-    def length(self, seq_id: int) -> int:
-        self._check_known(seq_id)
-        return int(self.lengths[seq_id])
-
     def capacity(self, seq_id: int) -> int:
         self._check_known(seq_id)
         return self.max_seq_len
 
     def crop(self, seq_id: int, length: int) -> None:
-        self._check_known(seq_id)
-        if not 0 <= length <= self.lengths[seq_id]:
-            raise LengthError(f"cannot crop sequence {seq_id} of length "
-                              f"{self.lengths[seq_id]} to {length}")
+        self._check_crop(seq_id, length)
         self._drop_blocks(seq_id, keep=blocks_for(length, self.block_size))
         self.lengths[seq_id] = length
         # tokens written after a crop may differ from the prompt: forget its later keys

@@ -18,17 +18,20 @@ from .base import KVCache
 
 
 class SequenceRows(KVCache):
-    """Row allocation shared by every cache.
+    """Row allocation and lengths, shared by every cache.
 
     Attributes:
         in_use: [max_sequences] bool, rows holding a live sequence.
+        lengths: [max_sequences] int64 tokens stored per row.
     """
 
     def _init_sequence_rows(self, n_rows: int) -> None:
         self.in_use = np.zeros(n_rows, dtype=bool)
+        self.lengths = np.zeros(n_rows, dtype=np.int64)
 
     def _clear_row(self, row: int) -> None:
         """Forget what `row` held; each cache extends it for its per-row state."""
+        self.lengths[row] = 0
 
     def _free_row(self) -> int:
         """The lowest row without a sequence; `CapacityError` if every row has one."""
@@ -51,6 +54,10 @@ class SequenceRows(KVCache):
         self._clear_row(seq_id)
         self.in_use[seq_id] = False
 
+    def length(self, seq_id: int) -> int:
+        self._check_known(seq_id)
+        return int(self.lengths[seq_id])
+
     def sequences(self) -> list[int]:
         return [int(r) for r in np.flatnonzero(self.in_use)]
 
@@ -67,37 +74,28 @@ class SequenceRows(KVCache):
         if not (0 <= seq_id < len(self.in_use) and self.in_use[seq_id]):
             raise UnknownSequenceError(f"sequence {seq_id} is not in this cache")
 
+    def _check_crop(self, seq_id: int, length: int) -> None:
+        self._check_known(seq_id)
+        if not 0 <= length <= self.lengths[seq_id]:
+            raise LengthError(f"cannot crop sequence {seq_id} of length "
+                              f"{self.lengths[seq_id]} to {length}")
+
 
 class RowCache(SequenceRows):
     """Bookkeeping of a reserve-max cache: `max_seq` tokens reserved for each row.
 
     Attributes:
         max_batch, max_seq: rows, and tokens reserved per row.
-        lengths: [max_batch] int64 tokens stored per row.
     """
 
     def _init_rows(self, max_batch: int, max_seq: int) -> None:
         self.max_batch = max_batch
         self.max_seq = max_seq
-        self.lengths = np.zeros(max_batch, dtype=np.int64)
         self._init_sequence_rows(max_batch)
-
-    def _clear_row(self, row: int) -> None:
-        self.lengths[row] = 0
-
-    def length(self, seq_id: int) -> int:
-        self._check_known(seq_id)
-        return int(self.lengths[seq_id])
 
     def capacity(self, seq_id: int) -> int:
         self._check_known(seq_id)
         return self.max_seq
-
-    def _check_crop(self, seq_id: int, length: int) -> None:
-        self._check_known(seq_id)
-        if not 0 <= length <= self.lengths[seq_id]:
-            raise LengthError(f"cannot crop sequence {seq_id} of length "
-                              f"{self.lengths[seq_id]} to {length}")
 
     def _check_room(self, plan) -> None:
         for s, end in zip(plan.seq_ids, plan.starts + plan.counts):
