@@ -152,8 +152,8 @@ def bench_attention(backends, batches, contexts, n_heads: int = 9, n_kv_heads: i
         shapes = tqdm(shapes, desc="bench attention")
     timed = []  # (name, batch, context, median seconds, traffic)
     for batch, context in shapes:
-        calls = {name: _decode_call(ATTENTION_BACKENDS[name], batch, context, n_heads,
-                                    n_kv_heads, head_dim) for name in backends}
+        calls = {name: decode_call(ATTENTION_BACKENDS[name], batch, context, n_heads,
+                                   n_kv_heads, head_dim) for name in backends}
         seconds = {name: [] for name in backends}
         for call in calls.values():
             call()
@@ -174,8 +174,8 @@ def bench_attention(backends, batches, contexts, n_heads: int = 9, n_kv_heads: i
     return result
 
 
-def _decode_call(backend: AttentionBackend, batch: int, context: int, n_heads: int,
-                 n_kv_heads: int, head_dim: int, seed: int = 1) -> Callable:
+def decode_call(backend: AttentionBackend, batch: int, context: int, n_heads: int,
+                n_kv_heads: int, head_dim: int, seed: int = 1) -> Callable:
     """`cache.attend` of one decode step over `context` tokens per sequence, ready to call."""
     rng = np.random.default_rng(seed)
     cache, seqs = filled_cache(backend, batch, context - 1, n_kv_heads, head_dim)

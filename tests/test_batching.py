@@ -12,7 +12,6 @@ import pytest
 from kvlib.batching import LogitRecorder, PaddedCache, left_pad, own_positions, padded_forward
 from kvlib.cache import ContiguousCache
 from kvlib.errors import ConfigError, LengthError, ShapeError
-from kvlib.masks import causal_mask
 from kvlib.model import generate
 
 N_NEW = 16

@@ -146,7 +146,7 @@ def test_unknown_sequences_and_bad_plans_are_rejected():
 
 def test_rows_run_out_then_free_makes_room():
     cache = make_cache(max_batch=2)
-    a, b = cache.new_sequence(), cache.new_sequence()
+    a, _ = cache.new_sequence(), cache.new_sequence()
     with pytest.raises(CapacityError):
         cache.new_sequence()
     cache.free(a)

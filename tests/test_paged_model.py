@@ -1,7 +1,6 @@
 """PagedCache on the real model: same greedy tokens as ContiguousCache, prefix reuse,
 parallel sampling that shares the prompt's blocks."""
 
-import numpy as np
 import pytest
 
 from kvlib.cache import ContiguousCache, PagedCache

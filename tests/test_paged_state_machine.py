@@ -56,8 +56,9 @@ class PagedCacheMachine(RuleBasedStateMachine):
 
     def _books(self):
         c, p = self.cache, self.cache.pool
-        return (c.keys.copy(), c.values.copy(), c.block_tables.copy(), c.lengths.copy(), p.refcounts.copy(),
-                p.free_stack[:p.n_free].copy(), p.has_key.copy())
+        return (c.keys.copy(), c.values.copy(), c.block_tables.copy(),
+                c.table_lengths.copy(), c.lengths.copy(), c.in_use.copy(),
+                p.refcounts.copy(), p.free_stack[:p.n_free].copy(), p.has_key.copy())
 
     # --- rules -----------------------------------------------------------------------
     @precondition(lambda self: len(self.tokens) < 6)

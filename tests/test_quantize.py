@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from kvlib.errors import KVLibError, QuantizationError
-from kvlib.quantize import code_range, dequantize, pack_codes, quantize, unpack_codes
+from kvlib.quantize import dequantize, pack_codes, quantize, unpack_codes
 
 FLOATS = st.floats(-1000, 1000, allow_nan=False, allow_infinity=False, width=32)
 

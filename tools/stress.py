@@ -13,7 +13,9 @@ Modes:
 For every mode and notebook it records whether every cell ran (asserts included), the
 wall time, and every number the notebook glued. It writes `report.md` (pass/fail and
 times per mode, with each notebook's time against its first quiet run) and `glued.csv`
-(one row per glued number and run) under --out, and exits 1 if any run failed.
+(one row per glued number and run) under --out, rewritten after every notebook so that
+an interrupted run keeps what it measured, and exits 1 if any run failed. A notebook
+whose cell runs past 10 minutes (the book build's limit) or whose kernel dies counts as failed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 ROOT = Path(__file__).resolve().parent.parent
 GLUE_MIME = "application/papermill.record/text/plain"
@@ -66,15 +68,30 @@ def glued_numbers(nb) -> dict[str, str]:
 def run_notebook(path: Path) -> tuple[bool, float, str, dict[str, str]]:
     """(passed, seconds, first error, glued values) of one execution of `path`."""
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=1800, kernel_name="python3",
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     try:
         client.execute()
         passed, error = True, ""
-    except CellExecutionError as err:
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as err:
         passed, error = False, str(err).strip().splitlines()[-1][:200]
     return passed, time.perf_counter() - start, error, glued_numbers(nb)
+
+
+def write_report(out: Path, modes: list[str], results: list, glued: list) -> None:
+    """report.md and glued.csv of the runs so far."""
+    quiet_time = {name: s for run, mode, name, ok, s, _ in results if mode == "quiet"
+                  and run == modes.index("quiet") + 1} if "quiet" in modes else {}
+    lines = ["| run | mode | notebook | result | seconds | x first quiet run | error |",
+             "|---|---|---|---|---|---|---|"]
+    for run, mode, name, ok, seconds, error in results:
+        ratio = f"{seconds / quiet_time[name]:.2f}" if name in quiet_time else ""
+        lines.append(f"| {run} | {mode} | {name} | {'ok' if ok else 'FAILED'} | "
+                     f"{seconds:.0f} | {ratio} | {error} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(out / "glued.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("run", "mode", "notebook", "name", "value"), *glued])
 
 
 def main(argv=None) -> int:
@@ -103,22 +120,12 @@ def main(argv=None) -> int:
                 glued += [(run, mode, name, key, value) for key, value in values.items()]
                 print(f"run {run} ({mode}): {name} {'ok' if passed else 'FAILED'} "
                       f"{seconds:.0f} s {error}", flush=True)
+                write_report(args.out, args.modes, results, glued)
         finally:
             if busy is not None:
                 busy.kill()
             os.environ.clear()
             os.environ.update(saved)
-    quiet_time = {name: s for run, mode, name, ok, s, _ in results if mode == "quiet"
-                  and run == args.modes.index("quiet") + 1} if "quiet" in args.modes else {}
-    lines = ["| run | mode | notebook | result | seconds | x first quiet run | error |",
-             "|---|---|---|---|---|---|---|"]
-    for run, mode, name, ok, seconds, error in results:
-        ratio = f"{seconds / quiet_time[name]:.2f}" if name in quiet_time else ""
-        lines.append(f"| {run} | {mode} | {name} | {'ok' if ok else 'FAILED'} | "
-                     f"{seconds:.0f} | {ratio} | {error} |")
-    (args.out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with open(args.out / "glued.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("run", "mode", "notebook", "name", "value"), *glued])
     print(f"report: {args.out / 'report.md'}; glued numbers: {args.out / 'glued.csv'}")
     return 0 if all(r[3] for r in results) else 1
 

@@ -85,6 +85,9 @@ class PagedCache(SequenceRows):
         pool: the `BlockPool` (free list, reference counts, prefix index).
         prefix_hit_tokens, prefix_query_tokens: prompt tokens found in the prefix cache
             and prompt tokens looked up, since construction.
+
+    `reset` frees every sequence; the prefix cache survives it (`clear_prefix_cache`
+    drops it).
     """
 
     STORAGE = ("keys", "values")

@@ -11,6 +11,8 @@ live sequence is an `UnknownSequenceError`, and freeing a row that holds none is
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from ..errors import CapacityError, DoubleFreeError, LengthError, UnknownSequenceError
@@ -48,8 +50,9 @@ class SequenceRows(KVCache):
         return row
 
     def free(self, seq_id: int) -> None:
-        if 0 <= seq_id < len(self.in_use) and not self.in_use[seq_id]:
-            raise DoubleFreeError(f"sequence {seq_id} was already freed")
+        if self._is_row(seq_id) and not self.in_use[seq_id]:
+            raise DoubleFreeError(f"sequence {seq_id} is not live: it was already freed "
+                                  f"(or never started)")
         self._check_known(seq_id)
         self._clear_row(seq_id)
         self.in_use[seq_id] = False
@@ -70,8 +73,13 @@ class SequenceRows(KVCache):
     def max_sequences(self) -> int:
         return len(self.in_use)
 
+    def _is_row(self, seq_id) -> bool:
+        """Whether `seq_id` is an integer that names a row (live or not)."""
+        return (isinstance(seq_id, numbers.Integral) and not isinstance(seq_id, bool)
+                and 0 <= seq_id < len(self.in_use))
+
     def _check_known(self, seq_id: int) -> None:
-        if not (0 <= seq_id < len(self.in_use) and self.in_use[seq_id]):
+        if not (self._is_row(seq_id) and self.in_use[seq_id]):
             raise UnknownSequenceError(f"sequence {seq_id} is not in this cache")
 
     def _check_crop(self, seq_id: int, length: int) -> None:

@@ -105,7 +105,8 @@ PREFETCH_LOCALITY = 2
 def _prefetch(typingctx, array, index):
     """Ask the CPU to start loading the cache line holding array.flat[index] (no wait).
 
-    A software prefetch (`prefetcht0` on x86): it never faults and returns nothing; the
+    A software prefetch (`prefetcht1` on x86 with `PREFETCH_LOCALITY` 2): it never
+    faults and returns nothing; the
     load proceeds in the background while the core computes. Numba has no function for
     it, so this emits LLVM's `llvm.prefetch` intrinsic directly.
     """

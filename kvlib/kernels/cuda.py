@@ -278,7 +278,6 @@ def decode_paged(q: np.ndarray, keys, values, block_table, lengths,
     _check_inputs(q, keys, values, block_table, lengths, key_scale, value_scale, n_warps)
     n_seq, n_heads, head_dim = q.shape
     n_kv_heads = keys.shape[1]
-    n_group = n_heads // n_kv_heads
     if n_splits is None:
         n_splits = gpu_splits(n_seq, n_kv_heads, int(lengths.max()), device_sms())
     if n_splits < 1:
